@@ -1,0 +1,112 @@
+"""`rinha`: the command line. `serve` reads as the startup sequence of an instance.
+
+  rinha serve                          one instance: supervisor, workers, dispatcher
+  rinha processor --port P --fee F     a payment-processor emulator (CONTEST.md)
+  rinha stack                          the whole contest topology as local processes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+from rinha import settings as settings_module
+from rinha.resources import Resources, StartupError
+from rinha.settings import Settings, SettingsError
+from rinha.supervisor import BootError, ChildSpec, InstanceLock, Supervisor, ensure_port_free
+
+USAGE = __doc__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        return serve()
+    if command == "processor":
+        from rinha import emulator
+
+        return emulator.main(rest)
+    if command == "stack":
+        from rinha import stack
+
+        return stack.main(rest)
+    print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def serve() -> int:
+    try:
+        settings = settings_module.load()
+    except SettingsError as exc:
+        print(f"rinha serve: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.instance_name)
+    log = logging.getLogger("rinha")
+    lock = InstanceLock(settings.lock_path)
+    try:
+        lock.acquire()
+        ensure_port_free(settings.host, settings.port)
+        if settings.peer_addr is not None:
+            ensure_port_free(settings.sync_host, settings.sync_port, socket.SOCK_DGRAM)
+        resources = Resources.open_or_create(settings)
+    except StartupError as exc:
+        log.error("%s", exc)
+        lock.release()
+        return 1
+    children = [
+        ChildSpec(f"worker-{i}", lambda: run_worker(settings, resources))
+        for i in range(settings.workers)
+    ]
+    children.append(ChildSpec("dispatcher", lambda: run_dispatcher(settings, resources)))
+    log.info("instance %s: %d workers on %s:%d, processors %s and %s", settings.instance_name,
+             settings.workers, settings.host, settings.port, *settings.processor_urls)
+    try:
+        code = Supervisor(settings, children, resources).run()
+    finally:
+        drained = resources.is_drained()
+        if not drained:
+            log.warning("payments are still queued or held; kept for the next start of "
+                        "instance %s", settings.instance_name)
+        resources.close(settings, remove=drained)
+        lock.release()
+    return code
+
+
+def run_worker(settings: Settings, resources: Resources) -> None:
+    from rinha.intake import Intake
+
+    try:
+        Intake(settings, resources.queue, resources.ledger).serve()
+    except OSError as exc:
+        raise BootError(str(exc)) from exc
+
+
+def run_dispatcher(settings: Settings, resources: Resources) -> None:
+    from rinha.dispatcher import Dispatcher
+
+    dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger)
+    try:
+        asyncio.run(dispatcher.run())
+    except RuntimeError as exc:
+        if "Event loop stopped" not in str(exc):
+            raise
+
+
+def _configure_logging(instance: str) -> None:
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format=f"%(asctime)s {instance} %(process)d %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,385 @@
+"""The dispatcher: the queue loop, the processor calls, the ledger writes.
+
+One process per instance, one asyncio loop. It owns the holding table's contents and is the
+only writer of the ledger's OWN region. Each payment:
+  1. arrives on the POSIX queue from a worker and moves at once into a holding-table slot;
+  2. waits there until routing admits a processor (default first; held while it fails);
+  3. is sent with requestedAt = the current whole second, the slot marked SENDING first;
+  4. on 2XX is recorded in the ledger bucket of exactly that requestedAt, then freed.
+An unknown outcome (timeout, reset) pins the payment to the same processor and requestedAt
+until a 2XX or a 422 says it is stored (DESIGN.md invariant 3). A restarted dispatcher
+re-drives whatever the table holds, so a crash loses nothing and counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import deque
+from typing import Protocol
+
+import httpx
+import posix_ipc
+
+from rinha import routing, wire
+from rinha.health import HealthPoller, HealthReport
+from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
+from rinha.intake import PURGE_CENTS
+from rinha.ledger import PROCESSOR_NAMES, Ledger
+from rinha.settings import Settings
+from rinha.transport import PooledTransport
+
+log = logging.getLogger("rinha.dispatcher")
+
+# What a processor's answer means for a payment.
+RECORD = "record"  # 2XX, or 422 after an unknown outcome: it is stored, count it once
+DUPLICATE = "duplicate"  # 422 on a clean first attempt: another payment had this id
+DEFINITE_FAILURE = "failure"  # nothing was stored: the payment may go anywhere later
+UNKNOWN = "unknown"  # maybe stored: retry on the same processor with the same requestedAt
+
+# Errors raised before a single byte of the request left: the processor cannot have it.
+_NOT_DELIVERED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def classify(status: int | None, pinned: bool) -> str:
+    """The meaning of a reply (`status`) or of an error after sending (`status` None)."""
+    if status is None:
+        return UNKNOWN
+    if 200 <= status < 300:
+        return RECORD
+    if status == 422:
+        return RECORD if pinned else DUPLICATE
+    # 500 after the delay, 429 from the limiter, any other 4xx: nothing stored. A pinned
+    # payment stays pinned all the same: the earlier attempt may still have been stored.
+    return DEFINITE_FAILURE
+
+
+class LedgerListener(Protocol):
+    """Who hears of the dispatcher's ledger writes: peer sync, when a peer is configured."""
+
+    def recorded(self, cells: set[tuple[int, int]]) -> None:
+        """(second, processor) cells of the OWN region that changed in the last loop turn."""
+
+    def purged(self) -> None:
+        """A worker purged the ledger."""
+
+
+class Dispatcher:
+    """Moves payments from the queue through the holding table to the processors."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: posix_ipc.MessageQueue,
+        table: HoldingTable,
+        ledger: Ledger,
+        listener: LedgerListener | None = None,
+    ) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._table = table
+        self._ledger = ledger
+        self._listener = listener
+        self._circuits = (routing.Circuit(), routing.Circuit())
+        self._waiting: deque[HeldPayment] = deque()  # free to go to any processor
+        self._pinned: tuple[deque[HeldPayment], deque[HeldPayment]] = (deque(), deque())
+        self._free_slots: list[int] = []
+        self._in_flight = 0
+        self._tokens = float(settings.drain_rate_per_s) / 10
+        self._tokens_at = time.monotonic()
+        self._token_burst = max(1.0, settings.drain_rate_per_s / 10)
+        self._wakeup: asyncio.TimerHandle | None = None
+        self._reading_queue = False
+        self._dirty: set[tuple[int, int]] = set()
+        self._stopping = False
+        self._urls = tuple(f"{url}/payments" for url in settings.processor_urls)
+        self._transport = PooledTransport(
+            max_connections=settings.dispatch_concurrency,
+            connect_timeout_s=min(2.0, settings.request_timeout_s),
+            read_timeout_s=settings.request_timeout_s,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_signal_handler(signal.SIGTERM, self.stop)
+        self.recover()
+        self._start_reading_queue()
+        client = httpx.AsyncClient(transport=self._transport, timeout=5.0)
+        if self._settings.health_poll:
+            watched = [routing.DEFAULT]
+            if self._settings.fallback_after_s > 0:
+                watched.append(routing.FALLBACK)
+            poller = HealthPoller(client, self._settings.processor_urls, watched,
+                                  self._settings.health_interval_s, self.on_health_report)
+            self._spawn(poller.run())
+        self._drain_queue()
+        while not self._stopping:
+            await asyncio.sleep(3600)
+
+    def stop(self) -> None:
+        """SIGTERM: stop taking payments and leave; whatever is held or in flight stays in the
+        table for the next dispatcher of this instance."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        if self._loop is not None:
+            self._loop.call_soon(self._loop.stop)
+
+    def recover(self) -> None:
+        """Rebuild the in-memory queues from the table a previous dispatcher left."""
+        held = sorted(self._table.held(), key=lambda p: (p.held_since_ms, p.slot))
+        used = set()
+        for payment in held:
+            used.add(payment.slot)
+            if payment.state == RECORDING:
+                self._finish_recording(payment)
+                continue
+            if payment.state == SENDING:
+                # Its request may have reached the processor: only the same processor with
+                # the same requestedAt can tell us (invariant 3).
+                payment.pinned = True
+                self._table.set_state(payment, QUEUED)
+            self._enqueue(payment)
+        self._free_slots = [s for s in range(self._table.capacity - 1, -1, -1) if s not in used]
+        if held:
+            log.warning("re-driving %d payments left by a previous dispatcher", len(held))
+
+    # Queue -> holding table -----------------------------------------------------------------
+
+    def _start_reading_queue(self) -> None:
+        if not self._reading_queue and not self._stopping:
+            assert self._loop is not None
+            self._loop.add_reader(self._queue.mqd, self._drain_queue)
+            self._reading_queue = True
+
+    def _drain_queue(self) -> None:
+        """Move every queued record into a slot; the kernel queue is only a short handoff."""
+        now_ms = time.time_ns() // 1_000_000
+        receive = self._queue.receive
+        while self._free_slots:
+            try:
+                record, _ = receive(0)
+            except posix_ipc.BusyError:
+                break
+            correlation_id, cents = wire.decode_payment(record)
+            if cents == PURGE_CENTS:
+                self._on_purge()
+                continue
+            payment = HeldPayment(self._free_slots.pop(), correlation_id, cents, now_ms)
+            self._table.write(payment)
+            self._waiting.append(payment)
+        if not self._free_slots and self._reading_queue:
+            # The table is full: leave the rest in the kernel queue; when that fills too the
+            # workers answer 503 (an explicit refusal, invariant 1).
+            assert self._loop is not None
+            self._loop.remove_reader(self._queue.mqd)
+            self._reading_queue = False
+            log.error("holding table full (%d slots): not reading the queue",
+                      self._table.capacity)
+        self._pump()
+
+    def _on_purge(self) -> None:
+        # The worker that took POST /purge-payments purged the ledger itself; the peer must be
+        # told, as a purge through nginx reaches one instance only (FINDINGS.md).
+        if self._listener is not None:
+            self._listener.purged()
+
+    # Holding table -> processors -----------------------------------------------------------
+
+    def _enqueue(self, payment: HeldPayment) -> None:
+        if payment.pinned:
+            self._pinned[payment.processor].append(payment)
+        else:
+            self._waiting.append(payment)
+
+    def _pump(self) -> None:
+        """Start as many sends as routing, concurrency and the drain pace allow."""
+        if self._stopping:
+            return
+        now = time.monotonic()
+        wall_ms = time.time_ns() // 1_000_000
+        limit = self._settings.dispatch_concurrency
+        while self._in_flight < limit:
+            picked = self._next_sendable(now, wall_ms)
+            if picked is None:
+                self._schedule_retry(now)
+                return
+            if not self._take_token(now):
+                self._schedule_wakeup(1.0 / self._settings.drain_rate_per_s)
+                return
+            payment, processor = picked
+            self._send(payment, processor)
+
+    def _next_sendable(self, now: float, wall_ms: int) -> tuple[HeldPayment, int] | None:
+        for processor in (routing.DEFAULT, routing.FALLBACK):
+            pinned = self._pinned[processor]
+            if pinned and routing.admits(self._circuits[processor], now):
+                return pinned.popleft(), processor
+        if self._waiting:
+            head = self._waiting[0]
+            processor = routing.choose(
+                self._circuits, now, (wall_ms - head.held_since_ms) / 1000,
+                self._settings.fallback_after_s,
+            )
+            if processor is not None:
+                return self._waiting.popleft(), processor
+        return None
+
+    def _take_token(self, now: float) -> bool:
+        """A token bucket on send starts: draining a backlog must not burn the container's CPU
+        quota, or the kernel throttles the workers too and their p99 jumps (FINDINGS.md)."""
+        rate = self._settings.drain_rate_per_s
+        self._tokens = min(self._token_burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _schedule_retry(self, now: float) -> None:
+        """Something waits for a failing processor: wake when its next probe is due."""
+        waiting_on = []
+        if self._waiting or self._pinned[routing.DEFAULT]:
+            waiting_on.append(self._circuits[routing.DEFAULT])
+        if self._pinned[routing.FALLBACK] or (self._waiting and self._settings.fallback_after_s):
+            waiting_on.append(self._circuits[routing.FALLBACK])
+        due = [c.retry_at for c in waiting_on if c.failing and not c.probe_in_flight]
+        if self._waiting and self._settings.fallback_after_s > 0:
+            held_for = time.time() - self._waiting[0].held_since_ms / 1000
+            due.append(now + max(0.0, self._settings.fallback_after_s - held_for))
+        if due:
+            self._schedule_wakeup(max(0.0, min(due) - now))
+
+    def _schedule_wakeup(self, delay_s: float) -> None:
+        assert self._loop is not None
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        self._wakeup = self._loop.call_later(delay_s, self._on_wakeup)
+
+    def _on_wakeup(self) -> None:
+        self._wakeup = None
+        self._pump()
+
+    def _send(self, payment: HeldPayment, processor: int) -> None:
+        if not payment.pinned:
+            # A fresh attempt gets the current second; a pinned one keeps the requestedAt the
+            # processor may already hold, so a 422 names the bucket we count it in.
+            payment.processor = processor
+            payment.requested_at = int(time.time())
+        payment.attempts += 1
+        self._table.set_state(payment, SENDING)
+        was_probe = routing.on_sent(self._circuits[processor])
+        self._in_flight += 1
+        self._spawn(self._deliver(payment, processor, was_probe))
+
+    async def _deliver(self, payment: HeldPayment, processor: int, was_probe: bool) -> None:
+        body = (
+            f'{{"correlationId":"{wire.format_uuid(payment.correlation_id)}",'
+            f'"amount":{wire.format_cents(payment.cents)},'
+            f'"requestedAt":"{wire.format_requested_at(payment.requested_at)}"}}'
+        ).encode()
+        request = httpx.Request(
+            "POST", self._urls[processor], content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        status: int | None
+        try:
+            response = await self._transport.handle_async_request(request)
+            status = response.status_code
+        except _NOT_DELIVERED:
+            status = 503  # never left: as definite as a refusal
+        except httpx.TransportError:
+            status = None
+        finally:
+            self._in_flight -= 1
+        self._settle(payment, processor, classify(status, payment.pinned), was_probe)
+        self._pump()
+
+    def _settle(self, payment: HeldPayment, processor: int, outcome: str, was_probe: bool) -> None:
+        circuit = self._circuits[processor]
+        if outcome == RECORD:
+            self._record(payment)
+            if circuit.failing:
+                log.warning("processor %s answers again", PROCESSOR_NAMES[processor])
+            routing.on_success(circuit)
+            return
+        if outcome == DUPLICATE:
+            log.warning("%s: the %s processor already had this correlationId; not counted",
+                        wire.format_uuid(payment.correlation_id), PROCESSOR_NAMES[processor])
+            self._release(payment.slot)
+            routing.on_success(circuit)
+            return
+        if outcome == UNKNOWN:
+            payment.pinned = True
+        if not circuit.failing:
+            log.warning("processor %s failing (%s); holding payments",
+                        PROCESSOR_NAMES[processor], outcome)
+        routing.on_failure(circuit, time.monotonic(), was_probe,
+                           self._settings.retry_backoff_min_s, self._settings.retry_backoff_max_s)
+        self._table.set_state(payment, QUEUED)
+        if payment.pinned:
+            self._pinned[processor].append(payment)
+        else:
+            # Back to the head: it is the oldest, and a probe should be the oldest payment.
+            self._waiting.appendleft(payment)
+
+    def _record(self, payment: HeldPayment) -> None:
+        """Count the payment once, crash-safely (see RECORDING in holding.py), then free it."""
+        payment.word_before = self._ledger.own_word(payment.requested_at, payment.processor)
+        self._table.set_state(payment, RECORDING)
+        self._ledger.record(payment.requested_at, payment.processor, payment.cents)
+        self._release(payment.slot)
+        self._mark_dirty(payment.requested_at, payment.processor)
+
+    def _finish_recording(self, payment: HeldPayment) -> None:
+        if self._ledger.own_word(payment.requested_at, payment.processor) == payment.word_before:
+            self._ledger.record(payment.requested_at, payment.processor, payment.cents)
+        self._table.free(payment.slot)
+        self._mark_dirty(payment.requested_at, payment.processor)
+
+    def _release(self, slot: int) -> None:
+        self._table.free(slot)
+        self._free_slots.append(slot)
+        if not self._reading_queue:
+            self._start_reading_queue()
+            self._drain_queue()
+
+    def _mark_dirty(self, second: int, processor: int) -> None:
+        """Coalesce the cells recorded in this loop turn into one push to the peer."""
+        if self._listener is None:
+            return
+        if not self._dirty and self._loop is not None:
+            self._loop.call_soon(self._flush_dirty)
+        self._dirty.add((second, processor))
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        if self._listener is not None and dirty:
+            self._listener.recorded(dirty)
+
+    # Health ------------------------------------------------------------------------------
+
+    def on_health_report(self, report: HealthReport) -> None:
+        routing.on_health_report(self._circuits[report.processor], report.failing,
+                                 time.monotonic(), self._settings.retry_backoff_min_s)
+        self._pump()
+
+    def _spawn(self, coroutine) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # An unexpected state: crash the process; the supervisor restarts it and the new
+            # dispatcher re-drives the table.
+            log.error("dispatcher task failed", exc_info=task.exception())
+            if self._loop is not None:
+                self._loop.stop()

@@ -1,0 +1,137 @@
+"""The holding table: every accepted payment of this instance until it is recorded.
+
+Created by the supervisor, written only by the dispatcher. The kernel queue is a short handoff
+with a small per-user byte budget (FINDINGS.md), while a processor outage holds thousands of
+payments; so the dispatcher moves each payment at once from the queue into a slot here and
+dispatches from the slot. The table lives in shared memory, so it survives the dispatcher: a
+restarted dispatcher re-drives every slot it finds (DESIGN.md invariant 7).
+
+A slot's state says what a restarted dispatcher must do with it:
+  QUEUED     never sent, or the last attempt definitely failed: send it like a new one; if
+             `pinned`, an earlier attempt's outcome is unknown and it must go to the same
+             processor with the same requestedAt (invariant 3).
+  SENDING    a request may be on the wire: its outcome is unknown, so it is pinned.
+  RECORDING  the processor said 2XX; the ledger add may or may not have happened: it did iff
+             the ledger cell no longer holds `word_before` (the dispatcher is the only adder
+             of its own region, so nothing else moves that cell in between).
+Fields are written before the state byte, so a slot is never seen in a state whose fields are
+missing.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import posix_ipc
+
+FREE = 0
+QUEUED = 1
+SENDING = 2
+RECORDING = 3
+
+# state, processor, pinned, pad, attempts, requested_at, cents, held_since_ms, word_before, uuid
+_SLOT = struct.Struct("<BBBxIqqqQ16s8x")
+SLOT_SIZE = _SLOT.size  # 64: one cache line per slot
+_FIELDS = struct.Struct("<BBxIqqqQ16s")  # the slot without its state byte, written first
+_HEADER = struct.Struct("<8sII")  # magic, version, capacity
+_HEADER_SIZE = 64
+_MAGIC = b"rinhaHLD"
+_VERSION = 1
+
+
+@dataclass(slots=True)
+class HeldPayment:
+    """The dispatcher's copy of one slot."""
+
+    slot: int
+    correlation_id: bytes
+    cents: int
+    held_since_ms: int
+    state: int = QUEUED
+    processor: int = 0
+    pinned: bool = False
+    attempts: int = 0
+    requested_at: int = 0
+    word_before: int = 0
+
+
+class HoldingTable:
+    """A fixed array of 64-byte slots in a POSIX shared-memory segment."""
+
+    def __init__(self, memory: posix_ipc.SharedMemory, view: mmap.mmap, capacity: int) -> None:
+        self._memory = memory
+        self._view = view
+        self.capacity = capacity
+
+    @classmethod
+    def create(cls, name: str, capacity: int) -> HoldingTable:
+        size = _HEADER_SIZE + capacity * SLOT_SIZE
+        memory = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+        view = mmap.mmap(memory.fd, size)
+        memory.close_fd()
+        _HEADER.pack_into(view, 0, _MAGIC, _VERSION, capacity)
+        return cls(memory, view, capacity)
+
+    @classmethod
+    def open(cls, name: str) -> HoldingTable:
+        memory = posix_ipc.SharedMemory(name)
+        view = mmap.mmap(memory.fd, memory.size)
+        memory.close_fd()
+        magic, version, capacity = _HEADER.unpack_from(view, 0)
+        if magic != _MAGIC or version != _VERSION:
+            view.close()
+            raise ValueError(f"{name} is not a rinha holding table of version {_VERSION}")
+        if memory.size < _HEADER_SIZE + capacity * SLOT_SIZE:
+            view.close()
+            raise ValueError(f"{name} is smaller than its {capacity} slots")
+        return cls(memory, view, capacity)
+
+    @staticmethod
+    def unlink(name: str) -> bool:
+        try:
+            posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.ExistentialError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._view.close()
+
+    def write(self, payment: HeldPayment) -> None:
+        """Store the payment's fields, then its state (see the module docstring)."""
+        offset = _HEADER_SIZE + payment.slot * SLOT_SIZE
+        _FIELDS.pack_into(
+            self._view, offset + 1, payment.processor, payment.pinned, payment.attempts,
+            payment.requested_at, payment.cents, payment.held_since_ms, payment.word_before,
+            payment.correlation_id,
+        )
+        self._view[offset] = payment.state
+
+    def set_state(self, payment: HeldPayment, state: int) -> None:
+        payment.state = state
+        self.write(payment)
+
+    def free(self, slot: int) -> None:
+        self._view[_HEADER_SIZE + slot * SLOT_SIZE] = FREE
+
+    def held(self) -> Iterator[HeldPayment]:
+        """Every slot that is not free, in slot order."""
+        view = memoryview(self._view)[_HEADER_SIZE : _HEADER_SIZE + self.capacity * SLOT_SIZE]
+        try:
+            for slot, fields in enumerate(_SLOT.iter_unpack(view)):
+                state = fields[0]
+                if state == FREE:
+                    continue
+                (_, processor, pinned, attempts, requested_at, cents, held_since_ms,
+                 word_before, correlation_id) = fields
+                yield HeldPayment(
+                    slot=slot, correlation_id=correlation_id, cents=cents,
+                    held_since_ms=held_since_ms, state=state, processor=processor,
+                    pinned=bool(pinned), attempts=attempts, requested_at=requested_at,
+                    word_before=word_before,
+                )
+        finally:
+            view.release()

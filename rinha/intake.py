@@ -1,0 +1,229 @@
+"""The HTTP workers: validate, enqueue, answer; read the ledger for summaries.
+
+Runs in each socketify worker process (WORKERS of them share PORT through SO_REUSEPORT).
+Owns nothing but its App: the queue and the ledger belong to the supervisor, which created
+them before forking. A worker never calls a processor (DESIGN.md invariant 1): a payment is
+validated, written to the POSIX queue as a 24-byte record and answered 202 at once.
+
+Handlers are synchronous and the loop is uv_run, not socketify's app.run(): app.run() busy-polls
+a core and async handlers crashed under load (FINDINGS.md, socketify).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+from typing import Any
+
+import posix_ipc
+
+from rinha import wire
+from rinha.ledger import Ledger
+from rinha.settings import Settings
+
+log = logging.getLogger("rinha.intake")
+
+MAX_BODY_BYTES = 4096
+
+# The queue carries control records too: a record with this amount asks the dispatcher to tell
+# the peer that the ledger was purged (a purge through nginx reaches one instance only).
+PURGE_CENTS = -1
+
+_JSON = b"application/json"
+
+
+class BadRequest(ValueError):
+    """The request is not a valid payment; the message goes back to the client as JSON."""
+
+
+def parse_payment(body: bytes) -> tuple[bytes, int]:
+    """(16 UUID bytes, cents) of a POST /payments body, or BadRequest naming what is wrong."""
+    try:
+        # Decimal for every number: the amount is money and must never pass through a float.
+        document = json.loads(body, parse_float=Decimal, parse_int=Decimal,
+                              parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest("body must be a JSON object")
+    correlation_id = document.get("correlationId")
+    if not isinstance(correlation_id, str):
+        raise BadRequest("correlationId must be a UUID string")
+    raw_id = wire.parse_uuid(correlation_id)
+    if raw_id is None:
+        raise BadRequest("correlationId must be a UUID string")
+    amount = document.get("amount")
+    if not isinstance(amount, Decimal):
+        raise BadRequest("amount must be a number")
+    cents = wire.parse_cents(str(amount))
+    if cents is None:
+        raise BadRequest("amount must be positive, at most 1000000.00, with at most 2 decimals")
+    return raw_id, cents
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def summary_json(totals: tuple[int, int, int, int]) -> bytes:
+    """The contest's summary shape, amounts printed with two decimals."""
+    default_count, default_cents, fallback_count, fallback_cents = totals
+    return (
+        f'{{"default":{{"totalRequests":{default_count},'
+        f'"totalAmount":{wire.format_cents(default_cents)}}},'
+        f'"fallback":{{"totalRequests":{fallback_count},'
+        f'"totalAmount":{wire.format_cents(fallback_cents)}}}}}'
+    ).encode()
+
+
+def summary_window(from_text: str | None, to_text: str | None) -> tuple[int | None, int | None]:
+    """The ledger seconds for ?from=&to=, or BadRequest if either is not an ISO instant."""
+    from_ms = to_ms = None
+    if from_text:
+        from_ms = wire.parse_instant_ms(from_text)
+        if from_ms is None:
+            raise BadRequest("from must be an ISO-8601 instant, e.g. 2025-07-10T12:34:56.000Z")
+    if to_text:
+        to_ms = wire.parse_instant_ms(to_text)
+        if to_ms is None:
+            raise BadRequest("to must be an ISO-8601 instant, e.g. 2025-07-10T12:34:56.000Z")
+    return wire.window_seconds(from_ms, to_ms)
+
+
+class Intake:
+    """One worker's HTTP face. Built in the child after fork (a socketify App made before fork
+    aborted a child: FINDINGS.md)."""
+
+    def __init__(self, settings: Settings, queue: posix_ipc.MessageQueue, ledger: Ledger) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._ledger = ledger
+        # A response object is referenced only by a cffi handle to itself: unless we hold it
+        # until its last body chunk, GC may collect it mid-request and abort the process
+        # (FINDINGS.md, socketify).
+        self._in_progress: dict[int, _BodyReader] = {}
+
+    def serve(self) -> None:
+        """Listen and run uv's blocking loop until the process is killed."""
+        from socketify import App, AppListenOptions
+
+        app = App()
+        app.post("/payments", self._post_payment)
+        app.get("/payments-summary", self._get_summary)
+        app.post("/purge-payments", self._post_purge)
+        app.any("/payments", _method_not_allowed)
+        app.any("/payments-summary", _method_not_allowed)
+        app.any("/purge-payments", _method_not_allowed)
+        app.any("/*", _not_found)
+        listening: list[bool] = []
+
+        def on_listen(config: Any) -> None:
+            listening.append(True)
+
+        app.listen(AppListenOptions(port=self._settings.port, host=self._settings.host), on_listen)
+        if not listening:
+            raise OSError(f"cannot listen on {self._settings.host}:{self._settings.port}")
+        app.loop.uv_loop.run()
+
+    # POST /payments ----------------------------------------------------------------------
+
+    def _post_payment(self, res: Any, req: Any) -> None:
+        reader = _BodyReader(res, self._in_progress, self._accept_payment)
+        self._in_progress[id(res)] = reader
+        res.on_aborted(reader.aborted)
+        res.on_data(reader.chunk)
+
+    def _accept_payment(self, res: Any, body: bytes) -> None:
+        try:
+            raw_id, cents = parse_payment(body)
+        except BadRequest as exc:
+            _reply_error(res, 422 if body else 400, str(exc))
+            return
+        try:
+            self._queue.send(wire.encode_payment(raw_id, cents), timeout=0)
+        except posix_ipc.BusyError:
+            # An explicit refusal, never a silent drop (invariant 1).
+            _reply_error(res, 503, "queue full, retry later")
+            return
+        res.write_status(202).end(b"")
+
+    # GET /payments-summary ---------------------------------------------------------------
+
+    def _get_summary(self, res: Any, req: Any) -> None:
+        try:
+            first, last = summary_window(req.get_query("from"), req.get_query("to"))
+        except BadRequest as exc:
+            _reply_error(res, 400, str(exc))
+            return
+        body = summary_json(self._ledger.summary(first, last))
+        res.write_status(200).write_header(b"Content-Type", _JSON).end(body)
+
+    # POST /purge-payments ----------------------------------------------------------------
+
+    def _post_purge(self, res: Any, req: Any) -> None:
+        token = self._settings.admin_token
+        if token is not None and req.get_header("x-rinha-token") != token:
+            _reply_error(res, 401, "X-Rinha-Token required")
+            return
+        reader = _BodyReader(res, self._in_progress, self._purge)
+        self._in_progress[id(res)] = reader
+        res.on_aborted(reader.aborted)
+        res.on_data(reader.chunk)
+
+    def _purge(self, res: Any, body: bytes) -> None:
+        self._ledger.purge()
+        try:
+            self._queue.send(wire.encode_payment(bytes(16), PURGE_CENTS), timeout=0)
+        except posix_ipc.BusyError:
+            _reply_error(res, 503, "queue full, the peer was not told; retry")
+            return
+        res.write_status(200).write_header(b"Content-Type", _JSON).end(b'{"message":"purged"}')
+
+
+class _BodyReader:
+    """Collects a request body chunk by chunk, then hands it to `complete` once."""
+
+    __slots__ = ("_res", "_registry", "_complete", "_chunks", "_size", "_done")
+
+    def __init__(self, res: Any, registry: dict[int, _BodyReader], complete: Any) -> None:
+        self._res = res
+        self._registry = registry
+        self._complete = complete
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+
+    def chunk(self, res: Any, data: bytes | None, is_last: bool) -> None:
+        if self._done:
+            return
+        if data:
+            self._size += len(data)
+            if self._size > MAX_BODY_BYTES:
+                self._finish()
+                _reply_error(res, 413, f"body over {MAX_BODY_BYTES} bytes", close=True)
+                return
+            self._chunks.append(data)
+        if is_last:
+            self._finish()
+            self._complete(res, b"".join(self._chunks))
+
+    def aborted(self, res: Any) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._registry.pop(id(self._res), None)
+
+
+def _reply_error(res: Any, status: int, message: str, close: bool = False) -> None:
+    body = json.dumps({"error": message}).encode()
+    res.write_status(status).write_header(b"Content-Type", _JSON).end(body, close)
+
+
+def _not_found(res: Any, req: Any) -> None:
+    _reply_error(res, 404, "no such endpoint")
+
+
+def _method_not_allowed(res: Any, req: Any) -> None:
+    _reply_error(res, 405, "method not allowed")

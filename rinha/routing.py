@@ -1,0 +1,94 @@
+"""Routing: which processor gets the next payment, if any. Pure, no I/O, table-tested.
+
+Used by the dispatcher. The fallback charges three times the default's fee (CONTEST.md), so a
+payment is held while the default fails and sent when it recovers (DESIGN.md invariant 4);
+the fallback is used only when a payment has been held longer than FALLBACK_AFTER_S (0, the
+default, never). Live outcomes are the primary signal; the shared health poll only hints.
+
+A failing processor gets one probe at a time, spaced by an exponential backoff, so a failing
+processor that answers 500 after its configured delay is not hammered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT = 0
+FALLBACK = 1
+
+
+@dataclass(slots=True)
+class Circuit:
+    """What the dispatcher believes of one processor."""
+
+    failing: bool = False
+    retry_at: float = 0.0  # when failing: the earliest moment for the next probe
+    backoff_s: float = 0.0
+    probe_in_flight: bool = False
+
+
+def admits(circuit: Circuit, now: float) -> bool:
+    """May a payment be sent to this processor now?"""
+    if not circuit.failing:
+        return True
+    return not circuit.probe_in_flight and now >= circuit.retry_at
+
+
+def choose(
+    circuits: tuple[Circuit, Circuit],
+    now: float,
+    held_for_s: float,
+    fallback_after_s: float,
+    pinned_to: int | None = None,
+) -> int | None:
+    """The processor for a payment held for `held_for_s`, or None to keep holding it.
+
+    A payment pinned to a processor (an earlier attempt's outcome is unknown) may only go there
+    (invariant 3).
+    """
+    if pinned_to is not None:
+        return pinned_to if admits(circuits[pinned_to], now) else None
+    if admits(circuits[DEFAULT], now):
+        return DEFAULT
+    if 0 < fallback_after_s <= held_for_s and admits(circuits[FALLBACK], now):
+        return FALLBACK
+    return None
+
+
+def on_sent(circuit: Circuit) -> bool:
+    """Note a request going out; returns whether it is the failing processor's probe."""
+    if circuit.failing:
+        circuit.probe_in_flight = True
+        return True
+    return False
+
+
+def on_success(circuit: Circuit) -> None:
+    circuit.failing = False
+    circuit.backoff_s = 0.0
+    circuit.probe_in_flight = False
+
+
+def on_failure(
+    circuit: Circuit, now: float, was_probe: bool, backoff_min_s: float, backoff_max_s: float
+) -> None:
+    """A definite failure or an unknown outcome. Only a failed probe doubles the backoff: the
+    other requests that were in flight when the processor started failing say nothing new."""
+    if not circuit.failing:
+        circuit.failing = True
+        circuit.backoff_s = backoff_min_s
+        circuit.retry_at = now + backoff_min_s
+    elif was_probe:
+        circuit.backoff_s = min(max(circuit.backoff_s * 2, backoff_min_s), backoff_max_s)
+        circuit.retry_at = now + circuit.backoff_s
+        circuit.probe_in_flight = False
+
+
+def on_health_report(circuit: Circuit, failing: bool, now: float, backoff_min_s: float) -> None:
+    """The shared service-health poll: a hint that opens the circuit or invites a probe now."""
+    if failing and not circuit.failing:
+        circuit.failing = True
+        circuit.backoff_s = backoff_min_s
+        circuit.retry_at = now + backoff_min_s
+    elif not failing and circuit.failing:
+        circuit.retry_at = now

@@ -1,0 +1,113 @@
+"""Every binary and text encoding that crosses a process boundary, each with its decoder beside it.
+
+Used by the intake workers (payment record onto the queue), the dispatcher (the same record off
+the queue, the processor request body) and the summary (money and instants as the contest's
+JSON prints them). Money is integer cents everywhere: the contest's consistency check compares
+our totals with the processors' to the cent, and floats would drift (DESIGN.md invariant 2).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+
+# The queue record: 16 raw UUID bytes and the amount in cents. 24 bytes keeps the kernel's
+# per-user message-queue budget for as many messages as possible (FINDINGS.md, posix_ipc).
+PAYMENT_RECORD = struct.Struct("<16sq")
+PAYMENT_RECORD_SIZE = PAYMENT_RECORD.size
+
+# The largest amount accepted. The ledger packs a second's total into 40 bits of cents, so a
+# ceiling per payment keeps thousands of maximal payments per second exact.
+MAX_AMOUNT_CENTS = 100_000_000  # 1,000,000.00
+
+_HEX = "[0-9a-fA-F]"
+_UUID_TEXT = re.compile(f"{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def encode_payment(correlation_id: bytes, cents: int) -> bytes:
+    return PAYMENT_RECORD.pack(correlation_id, cents)
+
+
+def decode_payment(record: bytes) -> tuple[bytes, int]:
+    return PAYMENT_RECORD.unpack(record)
+
+
+def parse_uuid(text: str) -> bytes | None:
+    """The 16 bytes of a canonical 8-4-4-4-12 UUID, or None if it is not one."""
+    if len(text) != 36 or not _UUID_TEXT.fullmatch(text):
+        return None
+    return bytes.fromhex(text.replace("-", ""))
+
+
+def format_uuid(raw: bytes) -> str:
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def parse_cents(number_text: str) -> int | None:
+    """Exact cents of a JSON number literal, or None unless 0 < amount <= MAX, 2 decimals at most.
+
+    Decimal on the literal text, never a float: "19.90" is 1990 cents, "0.1" is 10,
+    "19.901" is refused rather than rounded.
+    """
+    if not _JSON_NUMBER.fullmatch(number_text):
+        return None
+    try:
+        cents = Decimal(number_text) * 100
+    except InvalidOperation:
+        return None
+    if cents != cents.to_integral_value() or not 0 < cents <= MAX_AMOUNT_CENTS:
+        return None
+    return int(cents)
+
+
+def format_cents(cents: int) -> str:
+    """Cents as a JSON number with exactly two decimals: 1990 -> 19.90."""
+    sign = "-" if cents < 0 else ""
+    whole, frac = divmod(abs(cents), 100)
+    return f"{sign}{whole}.{frac:02d}"
+
+
+def format_requested_at(second: int) -> str:
+    """The processor's requestedAt for a whole second: 2025-07-10T12:34:56.000Z.
+
+    Whole seconds on purpose: the ledger's bucket of a payment is exactly this second, so for
+    any [from, to] our summary counts the same payments as the processor's (invariant 2).
+    """
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second))
+
+
+def parse_instant_ms(text: str) -> int | None:
+    """Milliseconds since the epoch of an ISO-8601 instant, or None if it is not one.
+
+    A time without an offset is UTC, as the contest sends it ("...T12:34:56.000Z").
+    Sub-millisecond digits are truncated, as the processors compare at millisecond precision.
+    """
+    if not 10 <= len(text) <= 40:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def window_seconds(from_ms: int | None, to_ms: int | None) -> tuple[int | None, int | None]:
+    """The whole seconds s whose instant s.000 lies in [from_ms, to_ms], both ends inclusive.
+
+    A payment sent with requestedAt s.000Z is in the window iff from <= s*1000 <= to, so the
+    first second is ceil(from/1000) and the last floor(to/1000).
+    """
+    first = None if from_ms is None else -(-from_ms // 1000)
+    last = None if to_ms is None else to_ms // 1000
+    return first, last
