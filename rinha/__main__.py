@@ -61,10 +61,10 @@ def serve() -> int:
         lock.release()
         return 1
     children = [
-        ChildSpec(f"worker-{i}", lambda: run_worker(settings, resources))
+        ChildSpec(f"worker{i}", lambda: run_worker(settings, resources))
         for i in range(settings.workers)
     ]
-    children.append(ChildSpec("dispatcher", lambda: run_dispatcher(settings, resources)))
+    children.append(ChildSpec("dispatch", lambda: run_dispatcher(settings, resources)))
     log.info("instance %s: %d workers on %s:%d, processors %s and %s", settings.instance_name,
              settings.workers, settings.host, settings.port, *settings.processor_urls)
     try:

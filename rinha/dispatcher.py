@@ -206,15 +206,15 @@ class Dispatcher:
         wall_ms = time.time_ns() // 1_000_000
         limit = self._settings.dispatch_concurrency
         while self._in_flight < limit:
-            picked = self._next_sendable(now, wall_ms)
-            if picked is None:
-                self._schedule_retry(now)
-                return
             if not self._take_token(now):
                 self._schedule_wakeup(1.0 / self._settings.drain_rate_per_s)
                 return
-            payment, processor = picked
-            self._send(payment, processor)
+            picked = self._next_sendable(now, wall_ms)
+            if picked is None:
+                self._tokens += 1  # unused
+                self._schedule_retry(now)
+                return
+            self._send(*picked)
 
     def _next_sendable(self, now: float, wall_ms: int) -> tuple[HeldPayment, int] | None:
         for processor in (routing.DEFAULT, routing.FALLBACK):

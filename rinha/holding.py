@@ -78,13 +78,14 @@ class HoldingTable:
     @classmethod
     def open(cls, name: str) -> HoldingTable:
         memory = posix_ipc.SharedMemory(name)
-        view = mmap.mmap(memory.fd, memory.size)
+        size = memory.size
+        view = mmap.mmap(memory.fd, size)
         memory.close_fd()
         magic, version, capacity = _HEADER.unpack_from(view, 0)
         if magic != _MAGIC or version != _VERSION:
             view.close()
             raise ValueError(f"{name} is not a rinha holding table of version {_VERSION}")
-        if memory.size < _HEADER_SIZE + capacity * SLOT_SIZE:
+        if size < _HEADER_SIZE + capacity * SLOT_SIZE:
             view.close()
             raise ValueError(f"{name} is smaller than its {capacity} slots")
         return cls(memory, view, capacity)

@@ -34,7 +34,12 @@ _JSON = b"application/json"
 
 
 class BadRequest(ValueError):
-    """The request is not a valid payment; the message goes back to the client as JSON."""
+    """The request is invalid; the message goes back to the client as JSON with `status`:
+    400 when the body or query cannot be read at all, 422 when a field has a bad value."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def parse_payment(body: bytes) -> tuple[bytes, int]:
@@ -44,9 +49,9 @@ def parse_payment(body: bytes) -> tuple[bytes, int]:
         document = json.loads(body, parse_float=Decimal, parse_int=Decimal,
                               parse_constant=_reject_constant)
     except (ValueError, RecursionError):
-        raise BadRequest("body is not valid JSON") from None
+        raise BadRequest("body is not valid JSON", 400) from None
     if not isinstance(document, dict):
-        raise BadRequest("body must be a JSON object")
+        raise BadRequest("body must be a JSON object", 400)
     correlation_id = document.get("correlationId")
     if not isinstance(correlation_id, str):
         raise BadRequest("correlationId must be a UUID string")
@@ -83,11 +88,11 @@ def summary_window(from_text: str | None, to_text: str | None) -> tuple[int | No
     if from_text:
         from_ms = wire.parse_instant_ms(from_text)
         if from_ms is None:
-            raise BadRequest("from must be an ISO-8601 instant, e.g. 2025-07-10T12:34:56.000Z")
+            raise BadRequest("from must be an ISO-8601 instant, e.g. 2025-07-10T12:34:56.000Z", 400)
     if to_text:
         to_ms = wire.parse_instant_ms(to_text)
         if to_ms is None:
-            raise BadRequest("to must be an ISO-8601 instant, e.g. 2025-07-10T12:34:56.000Z")
+            raise BadRequest("to must be an ISO-8601 instant, e.g. 2025-07-10T12:34:56.000Z", 400)
     return wire.window_seconds(from_ms, to_ms)
 
 
@@ -138,7 +143,7 @@ class Intake:
         try:
             raw_id, cents = parse_payment(body)
         except BadRequest as exc:
-            _reply_error(res, 422 if body else 400, str(exc))
+            _reply_error(res, exc.status, str(exc))
             return
         try:
             self._queue.send(wire.encode_payment(raw_id, cents), timeout=0)
@@ -154,7 +159,7 @@ class Intake:
         try:
             first, last = summary_window(req.get_query("from"), req.get_query("to"))
         except BadRequest as exc:
-            _reply_error(res, 400, str(exc))
+            _reply_error(res, exc.status, str(exc))
             return
         body = summary_json(self._ledger.summary(first, last))
         res.write_status(200).write_header(b"Content-Type", _JSON).end(body)

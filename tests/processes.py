@@ -1,0 +1,209 @@
+"""Real processes for the integration tests: processor emulators, `rinha serve`, a load client.
+
+Every instance gets a random INSTANCE_NAME (so random queue and segment names) and free ports;
+teardown stops it and unlinks whatever it left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import httpx
+
+from rinha.settings import load as load_settings
+from rinha.transport import PooledTransport
+
+ADMIN = {"X-Rinha-Token": "123", "Content-Type": "application/json"}
+LOG_DIR = Path(os.environ.get("RINHA_TEST_LOGS", "/tmp/rinha-test-logs"))
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02):
+    """Poll `predicate` until it returns something truthy; fail with its last value."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except (httpx.HTTPError, OSError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s (last value: {last!r})")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Process:
+    """A child process with its output in a log file (read it when a test fails)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")
+        self.popen = subprocess.Popen(
+            argv, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+
+class Emulator(Process):
+    def __init__(self, fee: float, health_window_s: float = 5.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            f"processor-{fee}",
+            [sys.executable, "-m", "rinha", "processor", "--port", str(self.port),
+             "--fee", str(fee), "--health-window-s", str(health_window_s)],
+            {},
+        )
+        wait_until(lambda: port_open(self.port))
+
+    def admin(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        response = httpx.request(method, self.url + path, json=body, headers=ADMIN, timeout=10)
+        response.raise_for_status()
+        return response
+
+    def set_failure(self, failing: bool) -> None:
+        self.admin("PUT", "/admin/configurations/failure", {"failure": failing})
+
+    def set_delay(self, delay_ms: int) -> None:
+        self.admin("PUT", "/admin/configurations/delay", {"delay": delay_ms})
+
+    def summary(self, params: dict | None = None) -> dict:
+        response = httpx.get(self.url + "/admin/payments-summary", params=params or {},
+                             headers=ADMIN, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+
+class Instance(Process):
+    """`rinha serve` with its own random name and port."""
+
+    def __init__(self, default: Emulator, fallback: Emulator, **env: str) -> None:
+        self.port = int(env.pop("PORT", free_port()))
+        self.name = env.pop("INSTANCE_NAME", f"t{uuid.uuid4().hex[:10]}")
+        self.env = {
+            "INSTANCE_NAME": self.name,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "WORKERS": "2",
+            "PROCESSOR_DEFAULT_URL": default.url,
+            "PROCESSOR_FALLBACK_URL": fallback.url,
+            "QUEUE_MAX_MESSAGES": "1000",
+            "HOLD_CAPACITY": "16384",
+            "LEDGER_SECONDS": "4096",
+            "RETRY_BACKOFF_MAX_S": "0.2",
+            "LOG_LEVEL": "INFO",
+            **env,
+        }
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"serve-{self.name}", [sys.executable, "-m", "rinha", "serve"], self.env)
+
+    def wait_ready(self) -> Instance:
+        wait_until(lambda: self.popen.poll() is not None or self.summary() is not None, 15)
+        assert self.popen.poll() is None, self.log()
+        wait_until(lambda: self.child_pids("dispatch"))
+        return self
+
+    def summary(self, params: dict | None = None) -> dict:
+        response = httpx.get(self.url + "/payments-summary", params=params or {}, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def child_pids(self, role_prefix: str) -> list[int]:
+        """Pids of this supervisor's children whose process name starts with rinha-<prefix>."""
+        children = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children")
+        try:
+            pids = [int(p) for p in children.read_text().split()]
+        except OSError:
+            return []
+        found = []
+        for pid in pids:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm.startswith(f"rinha-{role_prefix}"):
+                found.append(pid)
+        return found
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        code = super().stop(timeout)
+        from rinha.resources import unlink_all
+
+        unlink_all(load_settings(self.env))
+        return code
+
+
+async def _post_all(url: str, bodies: Iterable[bytes], concurrency: int) -> list[int]:
+    transport = PooledTransport(max_connections=concurrency, read_timeout_s=10)
+    semaphore = asyncio.Semaphore(concurrency)
+    headers = {"Content-Type": "application/json"}
+
+    async def post(body: bytes) -> int:
+        async with semaphore:
+            request = httpx.Request("POST", url + "/payments", content=body, headers=headers)
+            try:
+                response = await transport.handle_async_request(request)
+            except httpx.TransportError:
+                return 0  # no answer: the client cannot count this payment as accepted
+            return response.status_code
+
+    try:
+        return await asyncio.gather(*(post(b) for b in bodies))
+    finally:
+        await transport.aclose()
+
+
+def payment_body(amount: str = "19.90") -> bytes:
+    return f'{{"correlationId":"{uuid.uuid4()}","amount":{amount}}}'.encode()
+
+
+def post_payments(url: str, count: int, concurrency: int = 50, amount: str = "19.90") -> list[int]:
+    """POST `count` new payments concurrently; returns each response's status (0: no answer)."""
+    bodies = [payment_body(amount) for _ in range(count)]
+    return asyncio.run(_post_all(url, bodies, concurrency))
+
+
+def processor_totals(emulator: Emulator, params: dict | None = None) -> tuple[int, str]:
+    s = emulator.summary(params)
+    return s["totalRequests"], f'{s["totalAmount"]:.2f}'
+
+
+def backend_totals(instance: Instance, params: dict | None = None) -> dict[str, tuple[int, str]]:
+    s = instance.summary(params)
+    return {k: (v["totalRequests"], f'{v["totalAmount"]:.2f}') for k, v in s.items()}
