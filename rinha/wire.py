@@ -111,3 +111,93 @@ def window_seconds(from_ms: int | None, to_ms: int | None) -> tuple[int | None, 
     first = None if from_ms is None else -(-from_ms // 1000)
     last = None if to_ms is None else to_ms // 1000
     return first, last
+
+
+# Peer sync datagrams ------------------------------------------------------------------------
+# header: magic, version, kind, nonce; then a payload whose shape depends on the kind.
+# Cells carry ABSOLUTE values (second, processor, count, cents), never deltas, so a lost,
+# duplicated or reordered datagram heals with the next one (DESIGN.md invariant 6).
+
+DATAGRAM_MAGIC = b"RQ"
+DATAGRAM_VERSION = 1
+DATAGRAM_HEADER = struct.Struct("<2sBBI")
+CELL = struct.Struct("<qBIQ")
+CELLS_PER_DATAGRAM = 64  # 8 + 64 * 21 = 1352 bytes: one unfragmented datagram on any MTU
+COUNT_LIMIT = 1 << 24
+CENTS_LIMIT = 1 << 40
+
+CELLS = 1  # the sender's own cells, for the receiver's PEER region
+PURGE = 2  # the sender's ledger was purged: purge both regions too
+PURGE_ACK = 3  # the receiver of PURGE (nonce) did it
+RECOVER_REQUEST = 4  # a restarted sender asks for its own cells back, and the peer's
+RECOVERY = 5  # the receiver's own cells, as the sender mirrored them
+RECOVERY_DONE = 6  # the reply to RECOVER_REQUEST (nonce) is complete: payload = datagram count
+HEALTH = 7  # a processor's service-health, from the one instance that polls it
+
+_KINDS = frozenset(range(CELLS, HEALTH + 1))
+_U32 = struct.Struct("<I")
+_HEALTH = struct.Struct("<BBI")
+
+Cell = tuple[int, int, int, int]  # second, processor, count, cents
+
+
+class MalformedDatagram(ValueError):
+    """Not one of ours: wrong magic, version, kind or length, or a value out of range."""
+
+
+def encode_datagram(kind: int, nonce: int = 0, payload: bytes = b"") -> bytes:
+    return DATAGRAM_HEADER.pack(DATAGRAM_MAGIC, DATAGRAM_VERSION, kind, nonce) + payload
+
+
+def encode_cells(kind: int, cells: list[Cell], nonce: int = 0) -> list[bytes]:
+    """The cells in as many datagrams as they need (none for no cells)."""
+    return [
+        encode_datagram(kind, nonce, b"".join(CELL.pack(*c) for c in chunk))
+        for chunk in (
+            cells[i:i + CELLS_PER_DATAGRAM] for i in range(0, len(cells), CELLS_PER_DATAGRAM)
+        )
+    ]
+
+
+def encode_health(processor: int, failing: bool, min_response_ms: int) -> bytes:
+    payload = _HEALTH.pack(processor, failing, min(max(min_response_ms, 0), 2**32 - 1))
+    return encode_datagram(HEALTH, 0, payload)
+
+
+def encode_recovery_done(nonce: int, datagrams: int) -> bytes:
+    return encode_datagram(RECOVERY_DONE, nonce, _U32.pack(datagrams))
+
+
+def decode_datagram(data: bytes) -> tuple[int, int, bytes]:
+    """(kind, nonce, payload), or MalformedDatagram."""
+    if len(data) < DATAGRAM_HEADER.size:
+        raise MalformedDatagram("short datagram")
+    magic, version, kind, nonce = DATAGRAM_HEADER.unpack_from(data)
+    if magic != DATAGRAM_MAGIC or version != DATAGRAM_VERSION or kind not in _KINDS:
+        raise MalformedDatagram(f"unknown datagram {magic!r} v{version} kind {kind}")
+    return kind, nonce, data[DATAGRAM_HEADER.size:]
+
+
+def decode_cells(payload: bytes) -> list[Cell]:
+    if len(payload) % CELL.size or len(payload) > CELL.size * CELLS_PER_DATAGRAM:
+        raise MalformedDatagram("cells payload of a wrong length")
+    cells = list(CELL.iter_unpack(payload))
+    for _, processor, count, cents in cells:
+        if processor > 1 or count >= COUNT_LIMIT or cents >= CENTS_LIMIT:
+            raise MalformedDatagram("cell value out of range")
+    return cells
+
+
+def decode_health(payload: bytes) -> tuple[int, bool, int]:
+    if len(payload) != _HEALTH.size:
+        raise MalformedDatagram("health payload of a wrong length")
+    processor, failing, min_response_ms = _HEALTH.unpack(payload)
+    if processor > 1 or failing > 1:
+        raise MalformedDatagram("health value out of range")
+    return processor, bool(failing), min_response_ms
+
+
+def decode_recovery_done(payload: bytes) -> int:
+    if len(payload) != _U32.size:
+        raise MalformedDatagram("recovery-done payload of a wrong length")
+    return _U32.unpack(payload)[0]
