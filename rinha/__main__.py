@@ -14,6 +14,7 @@ import socket
 import sys
 
 from rinha import settings as settings_module
+from rinha.peers import bind_sync_socket, recover_from_peer
 from rinha.resources import Resources, StartupError
 from rinha.settings import Settings, SettingsError
 from rinha.supervisor import BootError, ChildSpec, InstanceLock, Supervisor, ensure_port_free
@@ -53,18 +54,30 @@ def serve() -> int:
     try:
         lock.acquire()
         ensure_port_free(settings.host, settings.port)
+        sync_socket = None
         if settings.peer_addr is not None:
             ensure_port_free(settings.sync_host, settings.sync_port, socket.SOCK_DGRAM)
+            sync_socket = bind_sync_socket(settings)
         resources = Resources.open_or_create(settings)
     except StartupError as exc:
         log.error("%s", exc)
         lock.release()
         return 1
+    if sync_socket is not None:
+        # Before any worker answers a summary: get back what this instance had recorded
+        # (its peer kept a mirror), in case this is a restart with fresh shared memory.
+        if recover_from_peer(settings, resources.ledger, sync_socket):
+            log.info("recovered the ledger from peer %s:%d", *settings.peer_addr)
+        else:
+            log.info("peer %s:%d did not answer; starting with the local ledger",
+                     *settings.peer_addr)
     children = [
         ChildSpec(f"worker{i}", lambda: run_worker(settings, resources))
         for i in range(settings.workers)
     ]
-    children.append(ChildSpec("dispatch", lambda: run_dispatcher(settings, resources)))
+    children.append(
+        ChildSpec("dispatch", lambda: run_dispatcher(settings, resources, sync_socket))
+    )
     log.info("instance %s: %d workers on %s:%d, processors %s and %s", settings.instance_name,
              settings.workers, settings.host, settings.port, *settings.processor_urls)
     try:
@@ -88,10 +101,17 @@ def run_worker(settings: Settings, resources: Resources) -> None:
         raise BootError(str(exc)) from exc
 
 
-def run_dispatcher(settings: Settings, resources: Resources) -> None:
+def run_dispatcher(
+    settings: Settings, resources: Resources, sync_socket: socket.socket | None
+) -> None:
     from rinha.dispatcher import Dispatcher
+    from rinha.peers import PeerSync
 
-    dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger)
+    peer = None
+    if sync_socket is not None:
+        peer = PeerSync(settings, resources.ledger, sync_socket,
+                        on_health=lambda *report: dispatcher.on_health_report(*report))
+    dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger, peer)
     try:
         asyncio.run(dispatcher.run())
     except RuntimeError as exc:

@@ -28,6 +28,7 @@ from rinha.health import HealthPoller, HealthReport
 from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
 from rinha.intake import PURGE_CENTS
 from rinha.ledger import PROCESSOR_NAMES, Ledger
+from rinha.peers import PeerSync
 from rinha.settings import Settings
 from rinha.transport import PooledTransport
 
@@ -75,13 +76,14 @@ class Dispatcher:
         queue: posix_ipc.MessageQueue,
         table: HoldingTable,
         ledger: Ledger,
-        listener: LedgerListener | None = None,
+        peer: PeerSync | None = None,
     ) -> None:
         self._settings = settings
         self._queue = queue
         self._table = table
         self._ledger = ledger
-        self._listener = listener
+        self._peer = peer
+        self._listener: LedgerListener | None = peer
         self._circuits = (routing.Circuit(), routing.Circuit())
         self._waiting: deque[HeldPayment] = deque()  # free to go to any processor
         self._pinned: tuple[deque[HeldPayment], deque[HeldPayment]] = (deque(), deque())
@@ -109,6 +111,8 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGTERM, self.stop)
         self.recover()
+        if self._peer is not None:
+            self._peer.start(self._loop)
         self._start_reading_queue()
         client = httpx.AsyncClient(transport=self._transport, timeout=5.0)
         if self._settings.health_poll:
@@ -116,7 +120,7 @@ class Dispatcher:
             if self._settings.fallback_after_s > 0:
                 watched.append(routing.FALLBACK)
             poller = HealthPoller(client, self._settings.processor_urls, watched,
-                                  self._settings.health_interval_s, self.on_health_report)
+                                  self._settings.health_interval_s, self._on_polled_health)
             self._spawn(poller.run())
         self._drain_queue()
         while not self._stopping:
@@ -365,9 +369,15 @@ class Dispatcher:
 
     # Health ------------------------------------------------------------------------------
 
-    def on_health_report(self, report: HealthReport) -> None:
-        routing.on_health_report(self._circuits[report.processor], report.failing,
-                                 time.monotonic(), self._settings.retry_backoff_min_s)
+    def _on_polled_health(self, report: HealthReport) -> None:
+        self.on_health_report(report.processor, report.failing, report.min_response_ms)
+        if self._peer is not None:
+            self._peer.share_health(report.processor, report.failing, report.min_response_ms)
+
+    def on_health_report(self, processor: int, failing: bool, min_response_ms: int) -> None:
+        """A service-health report, polled here or shared by the peer that polls."""
+        routing.on_health_report(self._circuits[processor], failing, time.monotonic(),
+                                 self._settings.retry_backoff_min_s)
         self._pump()
 
     def _spawn(self, coroutine) -> None:  # type: ignore[no-untyped-def]

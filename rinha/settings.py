@@ -47,6 +47,7 @@ class Settings:
     sync_host: str
     sync_port: int
     sync_resend_s: float
+    sync_recover_timeout_s: float
     sync_drop_rate: float
     admin_token: str | None
 
@@ -98,6 +99,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         sync_host=read("SYNC_HOST", "0.0.0.0", str),
         sync_port=read("SYNC_PORT", "9000", _port),
         sync_resend_s=read("SYNC_RESEND_S", "1", _float_between(0.05, 3600)),
+        sync_recover_timeout_s=read("SYNC_RECOVER_TIMEOUT_S", "1", _float_between(0.1, 60)),
         sync_drop_rate=read("SYNC_DROP_RATE", "0", _float_between(0, 1)),
         admin_token=env.get("RINHA_ADMIN_TOKEN") or None,
     )

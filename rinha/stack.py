@@ -1,0 +1,351 @@
+"""`rinha stack`: the contest topology as local processes, for machines without Docker.
+
+Runs in its own process and owns its children: two processor emulators (unless
+PROCESSOR_DEFAULT_URL / PROCESSOR_FALLBACK_URL point elsewhere), api1 and api2 (`rinha serve`,
+peered with each other) and nginx on 127.0.0.1:9999 rendered from the same nginx.conf that
+docker-compose.yml mounts. The instances get the environment compose gives them, with local
+addresses. With `--limits contest` (root only) each API instance and nginx run in cgroups (v1)
+holding the CPU and memory that docker-compose.yml gives them, read from that file, so the
+local run and the submission cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rinha import compose_limits
+from rinha.nginx_conf import render_local
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory")
+CFS_PERIOD_US = 100_000
+READY_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+    cgroup: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen[bytes] | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rinha stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limits", choices=("off", "contest"), default="off",
+                        help="contest: hold each service to its docker-compose.yml limits "
+                             "with cgroups (needs root)")
+    parser.add_argument("--run-dir", help="where logs, nginx.conf and stack.json go "
+                                          "(default: a new temporary directory)")
+    parser.add_argument("--compose", default=str(REPO_ROOT / "docker-compose.yml"))
+    parser.add_argument("--nginx-conf", default=str(REPO_ROOT / "nginx.conf"))
+    parser.add_argument("--port", type=int, default=9999, help="nginx's port")
+    parser.add_argument("--api-ports", default="9001,9002")
+    parser.add_argument("--sync-ports", default="9101,9102")
+    parser.add_argument("--processor-ports", default="8001,8002")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        stack = Stack.plan(args)
+    except (OSError, ValueError) as exc:
+        print(f"rinha stack: {exc}", file=sys.stderr)
+        return 2
+    return stack.run()
+
+
+class Stack:
+    def __init__(self, children: list[Child], run_dir: Path, limits: str,
+                 cgroup_parent: str | None) -> None:
+        self.children = children
+        self.run_dir = run_dir
+        self.limits = limits
+        self.cgroup_parent = cgroup_parent
+        self._stopping = False
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace) -> Stack:
+        compose = compose_limits.load_compose(args.compose)
+        run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="rinha-stack-")).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        api_ports = _ports(args.api_ports, 2, "--api-ports")
+        sync_ports = _ports(args.sync_ports, 2, "--sync-ports")
+        processor_ports = _ports(args.processor_ports, 2, "--processor-ports")
+        nginx_binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.path.exists(nginx_binary):
+            raise OSError("nginx not found: install Debian's nginx (see README, set-up)")
+        if args.limits == "contest" and os.geteuid() != 0:
+            raise OSError("--limits contest needs root (it creates cgroups)")
+
+        children: list[Child] = []
+        urls = []
+        for index, (role, fee) in enumerate((("default", "0.05"), ("fallback", "0.15"))):
+            configured = os.environ.get(f"PROCESSOR_{role.upper()}_URL")
+            if configured:
+                urls.append(configured)
+                continue
+            port = processor_ports[index]
+            url = f"http://127.0.0.1:{port}"
+            urls.append(url)
+            children.append(Child(
+                f"processor-{role}",
+                [sys.executable, "-m", "rinha", "processor", "--port", str(port), "--fee", fee],
+                {}, url,
+            ))
+
+        apis = compose_limits.api_services(compose)
+        names = sorted(apis)
+        if len(names) != 2:
+            raise ValueError(f"{args.compose} must define two API services, found {names}")
+        for index, name in enumerate(names):
+            env = compose_limits.service_environment(apis[name])
+            env.update({
+                "INSTANCE_NAME": f"stack-{name}",
+                "HOST": "127.0.0.1",
+                "PORT": str(api_ports[index]),
+                "SYNC_HOST": "127.0.0.1",
+                "SYNC_PORT": str(sync_ports[index]),
+                "PEER_ADDR": f"127.0.0.1:{sync_ports[1 - index]}",
+                "PROCESSOR_DEFAULT_URL": urls[0],
+                "PROCESSOR_FALLBACK_URL": urls[1],
+            })
+            children.append(Child(
+                name, [sys.executable, "-m", "rinha", "serve"], env,
+                f"http://127.0.0.1:{api_ports[index]}",
+                extra={"instance_name": env["INSTANCE_NAME"]},
+            ))
+
+        conf = render_local(
+            Path(args.nginx_conf).read_text(),
+            api_addrs=(f"127.0.0.1:{api_ports[0]}", f"127.0.0.1:{api_ports[1]}"),
+            listen=f"127.0.0.1:{args.port}", run_dir=str(run_dir),
+        )
+        conf_path = run_dir / "nginx.conf"
+        conf_path.write_text(conf)
+        children.append(Child(
+            "nginx", [nginx_binary, "-p", f"{run_dir}/", "-e", "stderr", "-c", str(conf_path)],
+            {}, f"http://127.0.0.1:{args.port}",
+        ))
+
+        cgroup_parent = None
+        if args.limits == "contest":
+            cgroup_parent = f"rinha-stack-{os.getpid()}"
+            limits = compose_limits.service_limits(compose)
+            for child in children:
+                if child.name in limits:
+                    child.cgroup = _make_cgroup(cgroup_parent, child.name, limits[child.name])
+        return cls(children, run_dir, args.limits, cgroup_parent)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            for child in self.children:
+                self._start(child)
+                if child.name.startswith("processor"):
+                    _wait_for_port(child.url, READY_TIMEOUT_S)
+            self._wait_ready()
+            self._write_description()
+            self._print_map()
+            print("ready", flush=True)
+            return_code = 0
+            while not self._stopping:
+                exited = self._exited_child()
+                if exited is not None:
+                    print(f"rinha stack: {exited.name} exited with {exited.popen.returncode};"
+                          f" see {self.run_dir / (exited.name + '.log')}", file=sys.stderr)
+                    return_code = 1
+                    break
+                time.sleep(0.5)
+        except TimeoutError as exc:
+            print(f"rinha stack: {exc}", file=sys.stderr)
+            return_code = 1
+        finally:
+            self.stop()
+        return return_code
+
+    def _exited_child(self) -> Child | None:
+        for child in self.children:
+            if child.popen is not None and child.popen.poll() is not None:
+                return child
+        return None
+
+    def _on_signal(self, signo: int, frame: object) -> None:
+        self._stopping = True
+
+    def _start(self, child: Child) -> None:
+        log = open(self.run_dir / f"{child.name}.log", "wb")
+        procs_files = [str(Path(path) / "cgroup.procs") for path in child.cgroup.values()]
+
+        def enter_cgroup() -> None:
+            # Runs in the child before exec: every process it forks later inherits the group.
+            os.setsid()
+            for procs in procs_files:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+
+        child.popen = subprocess.Popen(
+            child.argv, env={**os.environ, **child.env}, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, preexec_fn=enter_cgroup,
+        )
+        log.close()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for child in self.children:
+            path = "/payments-summary" if not child.name.startswith("processor") else None
+            while not _answers(child.url, path):
+                if child.popen is not None and child.popen.poll() is not None:
+                    raise TimeoutError(f"{child.name} exited; see {self.run_dir}/{child.name}.log")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{child.name} did not answer within {READY_TIMEOUT_S} s")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM every child (its whole session), wait, SIGKILL, reap, remove the cgroups."""
+        for child in reversed(self.children):
+            _signal_session(child, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in self.children:
+            if child.popen is None:
+                continue
+            try:
+                child.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_session(child, signal.SIGKILL)
+                child.popen.wait()
+            _signal_session(child, signal.SIGKILL)  # strays left in its session, if any
+        if self.cgroup_parent is not None:
+            _remove_cgroups(self.cgroup_parent, [c.cgroup for c in self.children])
+
+    def _write_description(self) -> None:
+        def entry(child: Child) -> dict[str, object]:
+            pid = child.popen.pid if child.popen else None
+            return {"url": child.url, "pid": pid, **child.extra}
+
+        by_name = {c.name: c for c in self.children}
+        description = {
+            "limits": self.limits,
+            "run_dir": str(self.run_dir),
+            "nginx": entry(by_name["nginx"]),
+            "processors": {
+                role: entry(by_name[f"processor-{role}"]) if f"processor-{role}" in by_name
+                else {"url": os.environ.get(f"PROCESSOR_{role.upper()}_URL"), "pid": None}
+                for role in ("default", "fallback")
+            },
+            "instances": {c.name: entry(c) for c in self.children if "instance_name" in c.extra},
+            "cgroups": {c.name: c.cgroup for c in self.children if c.cgroup},
+        }
+        (self.run_dir / "stack.json").write_text(json.dumps(description, indent=2))
+
+    def _print_map(self) -> None:
+        print(f"rinha stack (limits: {self.limits}), logs and stack.json in {self.run_dir}")
+        for child in self.children:
+            pid = child.popen.pid if child.popen else "-"
+            where = child.url
+            if "instance_name" in child.extra:
+                where += f"  sync udp :{child.env['SYNC_PORT']}"
+            limits = ""
+            if child.cgroup:
+                limits = f"  cgroup {Path(child.cgroup['cpu']).relative_to(CGROUP_ROOT / 'cpu')}"
+            print(f"  {child.name:<20} pid {pid:<8} {where}{limits}")
+        print("Stop with Ctrl-C.", flush=True)
+
+
+def _ports(text: str, count: int, option: str) -> list[int]:
+    try:
+        ports = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes {count} comma-separated ports") from None
+    if len(ports) != count or not all(0 < p < 65536 for p in ports):
+        raise ValueError(f"{option} takes {count} comma-separated ports")
+    return ports
+
+
+def _make_cgroup(parent: str, name: str, limits: compose_limits.ServiceLimits) -> dict[str, str]:
+    paths = {}
+    for controller in CGROUP_CONTROLLERS:
+        path = CGROUP_ROOT / controller / parent / name
+        path.mkdir(parents=True, exist_ok=True)
+        paths[controller] = str(path)
+    cpu = Path(paths["cpu"])
+    (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+    (cpu / "cpu.cfs_quota_us").write_text(str(int(limits.cpus * CFS_PERIOD_US)))
+    (Path(paths["memory"]) / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
+    return paths
+
+
+def _remove_cgroups(parent: str, groups: list[dict[str, str]]) -> None:
+    for group in groups:
+        for path in group.values():
+            _rmdir_when_empty(Path(path))
+    for controller in CGROUP_CONTROLLERS:
+        _rmdir_when_empty(CGROUP_ROOT / controller / parent)
+
+
+def _rmdir_when_empty(path: Path) -> None:
+    for _ in range(50):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)  # the last process is still leaving the group
+
+
+def _signal_session(child: Child, signo: int) -> None:
+    if child.popen is None:
+        return
+    try:
+        os.killpg(child.popen.pid, signo)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _answers(url: str, path: str | None) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    if path is None:
+        return _port_open(host, int(port))
+    import http.client
+
+    connection = http.client.HTTPConnection(host, int(port), timeout=1)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _wait_for_port(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _answers(url, None):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not open within {timeout_s} s")
+        time.sleep(0.05)
