@@ -207,3 +207,60 @@ def processor_totals(emulator: Emulator, params: dict | None = None) -> tuple[in
 def backend_totals(instance: Instance, params: dict | None = None) -> dict[str, tuple[int, str]]:
     s = instance.summary(params)
     return {k: (v["totalRequests"], f'{v["totalAmount"]:.2f}') for k, v in s.items()}
+
+
+class Nginx(Process):
+    """nginx from the repository's nginx.conf, rendered for local instances (as `rinha stack`)."""
+
+    def __init__(self, *instances: Instance) -> None:
+        import shutil
+        import tempfile
+
+        from rinha.nginx_conf import render_local
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        run_dir = tempfile.mkdtemp(prefix="rinha-nginx-")
+        conf = render_local(
+            (Path(__file__).parent.parent / "nginx.conf").read_text(),
+            api_addrs=tuple(f"127.0.0.1:{i.port}" for i in instances),
+            listen=f"127.0.0.1:{self.port}", run_dir=run_dir,
+        )
+        conf_path = Path(run_dir) / "nginx.conf"
+        conf_path.write_text(conf)
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        super().__init__("nginx", [binary, "-p", f"{run_dir}/", "-e", "stderr", "-c",
+                                   str(conf_path)], {})
+        wait_until(lambda: port_open(self.port))
+
+
+def peered_pair(default: Emulator, fallback: Emulator, **env: str) -> tuple[Instance, Instance]:
+    """api1 and api2 as compose peers them: UDP sync both ways, only api1 polls health."""
+    sync = [free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)]
+    common = {"SYNC_HOST": "127.0.0.1", "SYNC_RECOVER_TIMEOUT_S": "0.3", **env}
+    first = Instance(default, fallback, SYNC_PORT=str(sync[0]), PEER_ADDR=f"127.0.0.1:{sync[1]}",
+                     HEALTH_POLL="1", **common)
+    second = Instance(default, fallback, SYNC_PORT=str(sync[1]),
+                      PEER_ADDR=f"127.0.0.1:{sync[0]}", HEALTH_POLL="0", **common)
+    return first.wait_ready(), second.wait_ready()
+
+
+def restart(instance: Instance) -> Instance:
+    """A new `rinha serve` with the same environment (name, ports, peer) as `instance`."""
+    env = dict(instance.env)
+    clone = Instance.__new__(Instance)
+    clone.port, clone.name, clone.env, clone.url = instance.port, instance.name, env, instance.url
+    Process.__init__(clone, f"serve-{clone.name}", [sys.executable, "-m", "rinha", "serve"], env)
+    return clone.wait_ready()
+
+
+def own_totals(instance: Instance) -> tuple[int, int]:
+    """(count, cents) this instance recorded itself, read from its ledger segment."""
+    from rinha.ledger import OWN, Ledger
+
+    ledger = Ledger.open(f"/rinha-{instance.name}-ledger")
+    try:
+        d_count, d_cents, f_count, f_cents = ledger.region_summary(OWN, None, None)
+    finally:
+        ledger.close()
+    return d_count + f_count, d_cents + f_cents

@@ -153,7 +153,8 @@ def test_bad_input_gets_a_4xx_json_message_and_changes_nothing(processors, start
             response = client.post("/payments", content=body)
             assert response.status_code == status, body[:80]
             assert "error" in response.json(), body[:80]
-        for query in ("from=yesterday", "to=2025-13-45T00:00:00Z", "from=2025-07-10T12:34:56Z&to=x"):
+        bad_queries = ("from=yesterday", "to=2025-13-45T00:00:00Z", "from=2025-07-10T12:34:56Z&to=x")
+        for query in bad_queries:
             response = client.get(f"/payments-summary?{query}")
             assert response.status_code == 400, query
             assert "error" in response.json()
@@ -162,7 +163,8 @@ def test_bad_input_gets_a_4xx_json_message_and_changes_nothing(processors, start
         assert client.get("/payments").status_code == 405
         assert client.post("/payments-summary").status_code == 405
         assert client.post("/purge-payments").status_code == 401
-        assert client.post("/purge-payments", headers={"X-Rinha-Token": "wrong"}).status_code == 401
+        wrong_token = {"X-Rinha-Token": "wrong"}
+        assert client.post("/purge-payments", headers=wrong_token).status_code == 401
     time.sleep(0.5)
     assert backend_totals(instance) == {"default": (0, "0.00"), "fallback": (0, "0.00")}
     assert processor_totals(default) == (0, "0.00")

@@ -1,0 +1,183 @@
+"""Two peered instances behind nginx: real processes, real UDP sync."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from rinha import wire
+from rinha.resources import unlink_all
+from rinha.settings import load as load_settings
+from tests.processes import (
+    Nginx,
+    backend_totals,
+    own_totals,
+    peered_pair,
+    post_payments,
+    processor_totals,
+    restart,
+    wait_until,
+)
+
+
+@pytest.fixture
+def pair(processors):
+    first, second = peered_pair(*processors)
+    started = [first, second]
+    yield started
+    for instance in started:
+        instance.stop()
+
+
+@pytest.fixture
+def nginx(pair):
+    balancer = Nginx(*pair)
+    yield balancer
+    balancer.stop()
+
+
+def processors_total(processors) -> dict[str, tuple[int, str]]:
+    default, fallback = processors
+    return {"default": processor_totals(default), "fallback": processor_totals(fallback)}
+
+
+def test_payments_through_nginx_land_on_both_and_both_summaries_agree(processors, pair, nginx):
+    statuses = post_payments(nginx.url, 1000, concurrency=32)
+    assert statuses.count(202) == 1000
+    default, _ = processors
+    wait_until(lambda: processor_totals(default)[0] == 1000, 30)
+    # The push is immediate (one datagram per loop turn), so once the processors have every
+    # payment, both instances report them too within a few milliseconds.
+    expected = processors_total(processors)
+    wait_until(lambda: all(backend_totals(i) == expected for i in pair), timeout=0.5,
+               interval=0.002)
+    counts = [own_totals(i)[0] for i in pair]
+    assert sum(counts) == 1000 and min(counts) > 0, counts
+    now_ms = time.time_ns() // 1_000_000
+    for back_s in (2, 5, 60):
+        params = {"from": _iso(now_ms - back_s * 1000), "to": _iso(now_ms)}
+        expected = {"default": processor_totals(default, params),
+                    "fallback": processor_totals(processors[1], params)}
+        for instance in pair:
+            assert backend_totals(instance, params) == expected
+
+
+def test_summaries_converge_with_30_percent_of_datagrams_dropped(processors):
+    first, second = peered_pair(*processors, SYNC_DROP_RATE="0.3", SYNC_RESEND_S="0.2")
+    try:
+        total = 0
+        for instance in (first, second, first, second):
+            total += post_payments(instance.url, 150, concurrency=16).count(202)
+        wait_until(lambda: processor_totals(processors[0])[0] == total, 30)
+        expected = processors_total(processors)
+        wait_until(lambda: all(backend_totals(i) == expected for i in (first, second)), 10)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_forged_datagram_changes_nothing(processors, pair):
+    first, _ = pair
+    post_payments(first.url, 10)
+    wait_until(lambda: backend_totals(first)["default"][0] == 10)
+    before = backend_totals(first)
+    forged = wire.encode_cells(wire.CELLS, [(int(time.time()), 0, 99_999, 99_999_00)])[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        sync_port = int(first.env["SYNC_PORT"])
+        attacker.sendto(forged, ("127.0.0.1", sync_port))
+        attacker.sendto(wire.encode_datagram(wire.PURGE, 1), ("127.0.0.1", sync_port))
+    wait_until(lambda: "not the peer" in first.log(), 5)
+    assert backend_totals(first) == before
+
+
+def test_purge_on_one_clears_both(processors, pair):
+    first, second = pair
+    post_payments(first.url, 20)
+    post_payments(second.url, 20)
+    wait_until(lambda: all(backend_totals(i)["default"][0] == 40 for i in pair), 10)
+    assert httpx.post(first.url + "/purge-payments").status_code == 200
+    empty = {"default": (0, "0.00"), "fallback": (0, "0.00")}
+    wait_until(lambda: all(backend_totals(i) == empty for i in pair), 5)
+    time.sleep(1.5)  # past a periodic resend: nothing comes back
+    assert all(backend_totals(i) == empty for i in pair)
+
+
+@pytest.mark.parametrize("fresh_memory", [False, True], ids=["same-host", "fresh-container"])
+def test_sigkilled_instance_restarts_without_losing_or_doubling_a_count(
+    processors, pair, nginx, fresh_memory
+):
+    first, second = pair
+    default, fallback = processors
+    stop = threading.Event()
+    answers: list[int] = []
+
+    def watch_second():
+        with httpx.Client(timeout=2) as client:
+            while not stop.is_set():
+                try:
+                    answers.append(client.get(second.url + "/payments-summary").status_code)
+                except httpx.HTTPError:
+                    answers.append(0)
+                time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_second)
+    watcher.start()
+    try:
+        accepted = post_payments(nginx.url, 600).count(202)
+        os.killpg(first.popen.pid, signal.SIGKILL)  # the supervisor and all its children
+        first.popen.wait()
+        if fresh_memory:
+            unlink_all(load_settings(first.env))  # as a new container would start
+        accepted += post_payments(nginx.url, 300).count(202)  # nginx fails over to api2
+        mirrored = mirror_of_peer(second)
+        revived = restart(first)
+        pair[0] = revived
+        # Before it answered anything, it had its own counts back: all the peer mirrored,
+        # and on the same host also the last ones its segment kept but the peer never got.
+        if fresh_memory:
+            assert own_totals(revived) == mirrored
+        else:
+            assert own_totals(revived)[0] >= mirrored[0]
+        accepted += post_payments(nginx.url, 300).count(202)
+    finally:
+        stop.set()
+        watcher.join()
+    assert answers and all(code == 200 for code in answers), set(answers)
+    if not fresh_memory:
+        # The queue and the holding table survived: what was queued, held or in flight at
+        # the kill is re-driven, and a payment in flight gets 422 and is counted once.
+        wait_until(lambda: processor_totals(default)[0] == accepted, 30)
+        expected = processors_total(processors)
+        wait_until(lambda: all(backend_totals(i) == expected for i in pair), 10)
+    else:
+        # A new container has lost the requests that were on the wire when it died: the
+        # processors may have stored them, nobody can count them. Everything recorded is
+        # back, nothing is counted twice, and both instances agree.
+        wait_until(lambda: backend_totals(pair[0]) == backend_totals(second), 10)
+        processed = processor_totals(default)[0]
+        reported = backend_totals(second)["default"][0]
+        in_flight_limit = int(load_settings(first.env).dispatch_concurrency)
+        assert 0 <= processed - reported <= in_flight_limit
+    assert processor_totals(fallback) == (0, "0.00")
+
+
+def mirror_of_peer(instance) -> tuple[int, int]:
+    """(count, cents) that `instance` holds in its mirror of its peer."""
+    from rinha.ledger import PEER, Ledger
+
+    ledger = Ledger.open(f"/rinha-{instance.name}-ledger")
+    try:
+        d_count, d_cents, f_count, f_cents = ledger.region_summary(PEER, None, None)
+    finally:
+        ledger.close()
+    return d_count + f_count, d_cents + f_cents
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
