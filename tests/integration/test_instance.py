@@ -110,8 +110,8 @@ def test_unknown_outcome_is_retried_on_the_same_processor_and_counted_once(
     # Every first attempt times out, yet the processor stores it after its delay: the retry
     # must go to the same processor, get 422, and count the payment exactly once.
     default.set_delay(400)
-    instance = start_instance(REQUEST_TIMEOUT_S="0.2", RETRY_BACKOFF_MIN_S="0.3", RETRY_BACKOFF_MAX_S="0.6",
-                              FALLBACK_AFTER_S="0.1")
+    instance = start_instance(REQUEST_TIMEOUT_S="0.2", RETRY_BACKOFF_MIN_S="0.3",
+                              RETRY_BACKOFF_MAX_S="0.6", FALLBACK_AFTER_S="0.1")
     assert post_payments(instance.url, 20).count(202) == 20
     wait_until(lambda: processor_totals(default)[0] == 20, 10)
     default.set_delay(0)
@@ -153,7 +153,7 @@ def test_bad_input_gets_a_4xx_json_message_and_changes_nothing(processors, start
             response = client.post("/payments", content=body)
             assert response.status_code == status, body[:80]
             assert "error" in response.json(), body[:80]
-        bad_queries = ("from=yesterday", "to=2025-13-45T00:00:00Z", "from=2025-07-10T12:34:56Z&to=x")
+        bad_queries = ("from=yesterday", "to=2025-13-45T00:00:00Z", "from=2025-07-10T12:34Z&to=x")
         for query in bad_queries:
             response = client.get(f"/payments-summary?{query}")
             assert response.status_code == 400, query
