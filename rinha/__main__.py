@@ -126,6 +126,8 @@ def _configure_logging(instance: str) -> None:
         format=f"%(asctime)s {instance} %(process)d %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO: the health poll would write a line every 5 s.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":
