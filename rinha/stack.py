@@ -24,13 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rinha import compose_limits
+from rinha import cgroups, compose_limits
 from rinha.nginx_conf import render_local
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory")
-CFS_PERIOD_US = 100_000
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 
@@ -59,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-ports", default="9001,9002")
     parser.add_argument("--sync-ports", default="9101,9102")
     parser.add_argument("--processor-ports", default="8001,8002")
+    parser.add_argument("--instance-prefix", default="stack",
+                        help="INSTANCE_NAME of the APIs is PREFIX-api1 / PREFIX-api2")
     return parser
 
 
@@ -118,7 +117,7 @@ class Stack:
         for index, name in enumerate(names):
             env = compose_limits.service_environment(apis[name])
             env.update({
-                "INSTANCE_NAME": f"stack-{name}",
+                "INSTANCE_NAME": f"{args.instance_prefix}-{name}",
                 "HOST": "127.0.0.1",
                 "PORT": str(api_ports[index]),
                 "SYNC_HOST": "127.0.0.1",
@@ -151,7 +150,9 @@ class Stack:
             limits = compose_limits.service_limits(compose)
             for child in children:
                 if child.name in limits:
-                    child.cgroup = _make_cgroup(cgroup_parent, child.name, limits[child.name])
+                    limit = limits[child.name]
+                    child.cgroup = cgroups.make(cgroup_parent, child.name, limit.cpus,
+                                                limit.memory_bytes)
         return cls(children, run_dir, args.limits, cgroup_parent)
 
     def run(self) -> int:
@@ -193,18 +194,9 @@ class Stack:
 
     def _start(self, child: Child) -> None:
         log = open(self.run_dir / f"{child.name}.log", "wb")
-        procs_files = [str(Path(path) / "cgroup.procs") for path in child.cgroup.values()]
-
-        def enter_cgroup() -> None:
-            # Runs in the child before exec: every process it forks later inherits the group.
-            os.setsid()
-            for procs in procs_files:
-                with open(procs, "w") as f:
-                    f.write(str(os.getpid()))
-
         child.popen = subprocess.Popen(
             child.argv, env={**os.environ, **child.env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=enter_cgroup,
+            stdin=subprocess.DEVNULL, preexec_fn=cgroups.joiner(child.cgroup),
         )
         log.close()
 
@@ -234,7 +226,7 @@ class Stack:
                 child.popen.wait()
             _signal_session(child, signal.SIGKILL)  # strays left in its session, if any
         if self.cgroup_parent is not None:
-            _remove_cgroups(self.cgroup_parent, [c.cgroup for c in self.children])
+            cgroups.remove(self.cgroup_parent, [c.cgroup for c in self.children])
 
     def _write_description(self) -> None:
         def entry(child: Child) -> dict[str, object]:
@@ -265,7 +257,8 @@ class Stack:
                 where += f"  sync udp :{child.env['SYNC_PORT']}"
             limits = ""
             if child.cgroup:
-                limits = f"  cgroup {Path(child.cgroup['cpu']).relative_to(CGROUP_ROOT / 'cpu')}"
+                group = Path(child.cgroup["cpu"]).relative_to(cgroups.CGROUP_ROOT / "cpu")
+                limits = f"  cgroup {group}"
             print(f"  {child.name:<20} pid {pid:<8} {where}{limits}")
         print("Stop with Ctrl-C.", flush=True)
 
@@ -278,38 +271,6 @@ def _ports(text: str, count: int, option: str) -> list[int]:
     if len(ports) != count or not all(0 < p < 65536 for p in ports):
         raise ValueError(f"{option} takes {count} comma-separated ports")
     return ports
-
-
-def _make_cgroup(parent: str, name: str, limits: compose_limits.ServiceLimits) -> dict[str, str]:
-    paths = {}
-    for controller in CGROUP_CONTROLLERS:
-        path = CGROUP_ROOT / controller / parent / name
-        path.mkdir(parents=True, exist_ok=True)
-        paths[controller] = str(path)
-    cpu = Path(paths["cpu"])
-    (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-    (cpu / "cpu.cfs_quota_us").write_text(str(int(limits.cpus * CFS_PERIOD_US)))
-    (Path(paths["memory"]) / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
-    return paths
-
-
-def _remove_cgroups(parent: str, groups: list[dict[str, str]]) -> None:
-    for group in groups:
-        for path in group.values():
-            _rmdir_when_empty(Path(path))
-    for controller in CGROUP_CONTROLLERS:
-        _rmdir_when_empty(CGROUP_ROOT / controller / parent)
-
-
-def _rmdir_when_empty(path: Path) -> None:
-    for _ in range(50):
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.05)  # the last process is still leaving the group
 
 
 def _signal_session(child: Child, signo: int) -> None:

@@ -27,7 +27,7 @@ def start_stack(run_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], int]
         [sys.executable, "-m", "rinha", "stack", "--run-dir", str(run_dir),
          "--port", str(ports[0]), "--api-ports", f"{ports[1]},{ports[2]}",
          "--processor-ports", f"{ports[3]},{ports[4]}", "--sync-ports", f"{sync[0]},{sync[1]}",
-         *extra],
+         "--instance-prefix", f"test{os.getpid()}-{ports[0]}", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     return stack, ports[0]
