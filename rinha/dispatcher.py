@@ -259,7 +259,8 @@ class Dispatcher:
             waiting_on.append(self._circuits[routing.DEFAULT])
         if self._pinned[routing.FALLBACK] or (self._waiting and self._settings.fallback_after_s):
             waiting_on.append(self._circuits[routing.FALLBACK])
-        due = [c.retry_at for c in waiting_on if c.failing and not c.probe_in_flight]
+        due = [c.retry_at for c in waiting_on
+               if c.failing and c.probes_in_flight < routing.MAX_PROBES_IN_FLIGHT]
         if self._waiting and self._settings.fallback_after_s > 0:
             held_for = time.time() - self._waiting[0].held_since_ms / 1000
             due.append(now + max(0.0, self._settings.fallback_after_s - held_for))
@@ -284,7 +285,7 @@ class Dispatcher:
             payment.requested_at = int(time.time())
         payment.attempts += 1
         self._table.set_state(payment, SENDING)
-        was_probe = routing.on_sent(self._circuits[processor])
+        was_probe = routing.on_sent(self._circuits[processor], time.monotonic())
         self._in_flight += 1
         self._spawn(self._deliver(payment, processor, was_probe))
 

@@ -5,8 +5,10 @@ payment is held while the default fails and sent when it recovers (DESIGN.md inv
 the fallback is used only when a payment has been held longer than FALLBACK_AFTER_S (0, the
 default, never). Live outcomes are the primary signal; the shared health poll only hints.
 
-A failing processor gets one probe at a time, spaced by an exponential backoff, so a failing
-processor that answers 500 after its configured delay is not hammered.
+A failing processor gets probes spaced by an exponential backoff (RETRY_BACKOFF_MIN_S..MAX_S),
+so it is not hammered; a few may be in flight at once, because a failing processor may answer
+only after a long delay (the contest's 2 s), and one slow probe at a time would notice its
+recovery late.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 DEFAULT = 0
 FALLBACK = 1
+MAX_PROBES_IN_FLIGHT = 4
 
 
 @dataclass(slots=True)
@@ -24,14 +27,14 @@ class Circuit:
     failing: bool = False
     retry_at: float = 0.0  # when failing: the earliest moment for the next probe
     backoff_s: float = 0.0
-    probe_in_flight: bool = False
+    probes_in_flight: int = 0
 
 
 def admits(circuit: Circuit, now: float) -> bool:
     """May a payment be sent to this processor now?"""
     if not circuit.failing:
         return True
-    return not circuit.probe_in_flight and now >= circuit.retry_at
+    return circuit.probes_in_flight < MAX_PROBES_IN_FLIGHT and now >= circuit.retry_at
 
 
 def choose(
@@ -55,10 +58,12 @@ def choose(
     return None
 
 
-def on_sent(circuit: Circuit) -> bool:
-    """Note a request going out; returns whether it is the failing processor's probe."""
+def on_sent(circuit: Circuit, now: float) -> bool:
+    """Note a request going out; returns whether it is a probe of a failing processor (the
+    next probe then waits one backoff)."""
     if circuit.failing:
-        circuit.probe_in_flight = True
+        circuit.probes_in_flight += 1
+        circuit.retry_at = now + circuit.backoff_s
         return True
     return False
 
@@ -66,7 +71,7 @@ def on_sent(circuit: Circuit) -> bool:
 def on_success(circuit: Circuit) -> None:
     circuit.failing = False
     circuit.backoff_s = 0.0
-    circuit.probe_in_flight = False
+    circuit.probes_in_flight = 0
 
 
 def on_failure(
@@ -74,14 +79,15 @@ def on_failure(
 ) -> None:
     """A definite failure or an unknown outcome. Only a failed probe doubles the backoff: the
     other requests that were in flight when the processor started failing say nothing new."""
+    if was_probe:
+        circuit.probes_in_flight = max(0, circuit.probes_in_flight - 1)
     if not circuit.failing:
         circuit.failing = True
         circuit.backoff_s = backoff_min_s
         circuit.retry_at = now + backoff_min_s
     elif was_probe:
         circuit.backoff_s = min(max(circuit.backoff_s * 2, backoff_min_s), backoff_max_s)
-        circuit.retry_at = now + circuit.backoff_s
-        circuit.probe_in_flight = False
+        circuit.retry_at = max(circuit.retry_at, now + circuit.backoff_s)
 
 
 def on_health_report(circuit: Circuit, failing: bool, now: float, backoff_min_s: float) -> None:

@@ -7,6 +7,7 @@ import pytest
 from rinha.routing import (
     DEFAULT,
     FALLBACK,
+    MAX_PROBES_IN_FLIGHT,
     Circuit,
     admits,
     choose,
@@ -41,8 +42,9 @@ def due_now() -> Circuit:
 
 
 def probing() -> Circuit:
-    """Failing, the retry moment passed, but the one probe is still in flight."""
-    return Circuit(failing=True, retry_at=NOW - 1, backoff_s=0.5, probe_in_flight=True)
+    """Failing, the retry moment passed, but the most probes allowed are still in flight."""
+    return Circuit(failing=True, retry_at=NOW - 1, backoff_s=0.5,
+                   probes_in_flight=MAX_PROBES_IN_FLIGHT)
 
 
 @pytest.mark.parametrize(
@@ -112,15 +114,30 @@ def test_admits(circuit, now: float, expected: bool) -> None:
 
 def test_on_sent_to_a_healthy_processor_is_no_probe() -> None:
     circuit = healthy()
-    assert on_sent(circuit) is False
+    assert on_sent(circuit, NOW) is False
     assert circuit == healthy()
 
 
-def test_on_sent_to_a_failing_processor_is_its_probe() -> None:
+def test_on_sent_to_a_failing_processor_is_a_probe_and_spaces_the_next() -> None:
     circuit = due()
-    assert on_sent(circuit) is True
-    assert circuit.probe_in_flight
-    assert not admits(circuit, NOW + 100)  # one probe at a time
+    assert on_sent(circuit, NOW) is True
+    assert circuit.probes_in_flight == 1
+    assert not admits(circuit, NOW)  # the next probe waits one backoff
+    assert admits(circuit, NOW + circuit.backoff_s)
+
+
+def test_probes_in_flight_are_capped() -> None:
+    circuit = due()
+    now = NOW
+    for _ in range(MAX_PROBES_IN_FLIGHT):
+        assert admits(circuit, now)
+        on_sent(circuit, now)
+        now += circuit.backoff_s
+    assert circuit.probes_in_flight == MAX_PROBES_IN_FLIGHT
+    assert not admits(circuit, now + 100)
+    on_failure(circuit, now, True, MIN_S, MAX_S)  # one probe comes back failed
+    assert circuit.probes_in_flight == MAX_PROBES_IN_FLIGHT - 1
+    assert admits(circuit, circuit.retry_at)
 
 
 def test_first_failure_opens_the_circuit_with_the_minimum_backoff() -> None:
@@ -141,9 +158,9 @@ def test_non_probe_failures_while_failing_change_nothing() -> None:
 
 def test_a_non_probe_failure_keeps_the_probe_in_flight() -> None:
     circuit = due()
-    on_sent(circuit)
+    on_sent(circuit, NOW)
     on_failure(circuit, NOW, False, MIN_S, MAX_S)
-    assert circuit.probe_in_flight
+    assert circuit.probes_in_flight == 1
     assert circuit.backoff_s == 0.5
 
 
@@ -155,16 +172,16 @@ def test_a_failed_probe_doubles_the_backoff() -> None:
     for _ in range(7):
         now = circuit.retry_at
         assert choose((circuit, backing_off()), now, 0, 0) == DEFAULT
-        assert on_sent(circuit) is True
+        assert on_sent(circuit, now) is True
         on_failure(circuit, now + 0.001, True, MIN_S, MAX_S)
-        assert not circuit.probe_in_flight
+        assert circuit.probes_in_flight == 0
         assert circuit.retry_at == pytest.approx(now + 0.001 + circuit.backoff_s)
         seen.append(circuit.backoff_s)
     assert seen == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])  # capped at the maximum
 
 
 def test_a_failed_probe_after_a_zero_backoff_waits_at_least_the_minimum() -> None:
-    circuit = Circuit(failing=True, retry_at=NOW, backoff_s=0.0, probe_in_flight=True)
+    circuit = Circuit(failing=True, retry_at=NOW, backoff_s=0.0, probes_in_flight=1)
     on_failure(circuit, NOW, True, MIN_S, MAX_S)
     assert circuit.backoff_s == MIN_S
     assert circuit.retry_at == NOW + MIN_S
@@ -175,12 +192,12 @@ def test_on_success_closes_the_circuit() -> None:
     on_success(circuit)
     assert not circuit.failing
     assert circuit.backoff_s == 0.0
-    assert not circuit.probe_in_flight
+    assert circuit.probes_in_flight == 0
     assert admits(circuit, NOW - 100)
 
 
 def test_after_success_the_next_failure_starts_again_from_the_minimum() -> None:
-    circuit = Circuit(failing=True, retry_at=NOW, backoff_s=MAX_S, probe_in_flight=True)
+    circuit = Circuit(failing=True, retry_at=NOW, backoff_s=MAX_S, probes_in_flight=1)
     on_success(circuit)
     on_failure(circuit, NOW, False, MIN_S, MAX_S)
     assert (circuit.backoff_s, circuit.retry_at) == (MIN_S, NOW + MIN_S)
@@ -208,7 +225,7 @@ def test_health_report_of_healthy_invites_a_probe_now() -> None:
     assert admits(circuit, NOW)
 
 
-def test_health_report_of_healthy_does_not_add_a_second_probe() -> None:
+def test_health_report_of_healthy_does_not_exceed_the_probe_cap() -> None:
     circuit = probing()
     on_health_report(circuit, False, NOW, MIN_S)
     assert not admits(circuit, NOW)

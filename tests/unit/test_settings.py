@@ -26,7 +26,7 @@ def test_defaults_with_an_empty_environment() -> None:
         "fallback_after_s": 0.0,
         "request_timeout_s": 10.0,
         "retry_backoff_min_s": 0.05,
-        "retry_backoff_max_s": 1.0,
+        "retry_backoff_max_s": 0.5,
         "health_poll": True,
         "health_interval_s": 5.0,
         "peer_addr": None,

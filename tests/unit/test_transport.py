@@ -359,10 +359,8 @@ def test_slow_server_read_timeout_closes_the_connection():
         async with Server(slow_first) as server:
             transport = PooledTransport(read_timeout_s=0.15)
             async with httpx.AsyncClient(transport=transport) as client:
-                started = time.monotonic()
-                with pytest.raises(httpx.ReadTimeout):
+                with pytest.raises(httpx.ReadTimeout):  # the answer would come at 0.5 s
                     await client.post(server.url, content=b"slow")
-                assert time.monotonic() - started < 0.4
                 await wait_until(lambda: server.closed == 1)  # the client hung up
                 resp = await client.post(server.url, content=b"fast")
                 assert resp.content == b"fast"
@@ -375,8 +373,9 @@ def test_refused_port_is_connect_error():
     async def main():
         transport = PooledTransport()
         request = httpx.Request("POST", f"http://127.0.0.1:{free_port()}/payments", content=BODY)
-        with pytest.raises(httpx.ConnectError):
+        with pytest.raises(httpx.ConnectError) as caught:
             await transport.handle_async_request(request)
+        assert caught.value.request is request
         async with httpx.AsyncClient(transport=transport) as client:
             with pytest.raises(httpx.ConnectError):
                 await client.post(str(request.url), content=BODY)
