@@ -254,13 +254,20 @@ def restart(instance: Instance) -> Instance:
     return clone.wait_ready()
 
 
-def own_totals(instance: Instance) -> tuple[int, int]:
-    """(count, cents) this instance recorded itself, read from its ledger segment."""
-    from rinha.ledger import OWN, Ledger
+def region_totals(instance: Instance, region: int) -> tuple[int, int]:
+    """(count, cents) in one region of the instance's ledger segment (OWN: what it recorded
+    itself; PEER: its mirror of its peer)."""
+    from rinha.ledger import Ledger
 
     ledger = Ledger.open(f"/rinha-{instance.name}-ledger")
     try:
-        d_count, d_cents, f_count, f_cents = ledger.region_summary(OWN, None, None)
+        d_count, d_cents, f_count, f_cents = ledger.region_summary(region, None, None)
     finally:
         ledger.close()
     return d_count + f_count, d_cents + f_cents
+
+
+def own_totals(instance: Instance) -> tuple[int, int]:
+    from rinha.ledger import OWN
+
+    return region_totals(instance, OWN)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from rinha import wire
+from rinha.ledger import PEER
 from rinha.resources import unlink_all
 from rinha.settings import load as load_settings
 from tests.processes import (
@@ -21,6 +22,7 @@ from tests.processes import (
     peered_pair,
     post_payments,
     processor_totals,
+    region_totals,
     restart,
     wait_until,
 )
@@ -135,7 +137,7 @@ def test_sigkilled_instance_restarts_without_losing_or_doubling_a_count(
         if fresh_memory:
             unlink_all(load_settings(first.env))  # as a new container would start
         accepted += post_payments(nginx.url, 300).count(202)  # nginx fails over to api2
-        mirrored = mirror_of_peer(second)
+        mirrored = region_totals(second, PEER)
         revived = restart(first)
         pair[0] = revived
         # Before it answered anything, it had its own counts back: all the peer mirrored,
@@ -165,18 +167,6 @@ def test_sigkilled_instance_restarts_without_losing_or_doubling_a_count(
         in_flight_limit = int(load_settings(first.env).dispatch_concurrency)
         assert 0 <= processed - reported <= in_flight_limit
     assert processor_totals(fallback) == (0, "0.00")
-
-
-def mirror_of_peer(instance) -> tuple[int, int]:
-    """(count, cents) that `instance` holds in its mirror of its peer."""
-    from rinha.ledger import PEER, Ledger
-
-    ledger = Ledger.open(f"/rinha-{instance.name}-ledger")
-    try:
-        d_count, d_cents, f_count, f_cents = ledger.region_summary(PEER, None, None)
-    finally:
-        ledger.close()
-    return d_count + f_count, d_cents + f_cents
 
 
 def _iso(ms: int) -> str:
