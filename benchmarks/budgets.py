@@ -80,6 +80,13 @@ def cpu_ns(pid: int) -> int:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
+def user_system_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of one process so far (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
 def children_by_name(pid: int) -> dict[str, int]:
     found = {}
     for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
@@ -146,8 +153,11 @@ def main() -> int:
         script.write_text(K6_SCRIPT)
         summary_path = run_dir / "k6-summary.json"
         before = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
+        split_before = {"worker": user_system_s(worker), "dispatcher": user_system_s(dispatcher)}
         usage_before = cgroups.usage(group) if limited else None
         recorded_before = _recorded(url)
+        capture = run_dir / "worker.pcap"
+        tcpdump = _start_capture(capture, ports[2])
         k6 = subprocess.run(
             [k6_binary(), "run", "--quiet", "--summary-export", str(summary_path),
              "-e", f"URL={url}", "-e", f"RATE={args.rate}", "-e", f"SECONDS={args.seconds}",
@@ -155,6 +165,9 @@ def main() -> int:
             capture_output=True, text=True,
             preexec_fn=lambda: os.sched_setaffinity(0, {os.cpu_count() - 1}),
         )
+        if tcpdump is not None:
+            tcpdump.send_signal(signal.SIGINT)
+            tcpdump.wait(10)
         if k6.returncode not in (0, 99):
             print(k6.stdout[-2000:], k6.stderr[-2000:], file=sys.stderr)
             raise SystemExit("k6 failed")
@@ -165,6 +178,7 @@ def main() -> int:
             time.sleep(0.1)
         recorded = _recorded(url) - recorded_before
         after = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
+        split_after = {"worker": user_system_s(worker), "dispatcher": user_system_s(dispatcher)}
         usage_after = cgroups.usage(group) if limited else None
         time.sleep(1)
         idle_before = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
@@ -186,10 +200,16 @@ def main() -> int:
             "failed_share": statuses.get("value"),
             "post_latency_ms": {k: duration[k] for k in ("p(50)", "p(90)", "p(99)", "p(99.9)",
                                                           "max")},
+            "server_side_ms": _server_side(capture, ports[2]) if tcpdump is not None else None,
             "dispatcher_cpu_us_per_payment": (after["dispatcher"] - before["dispatcher"])
             / 1000 / max(recorded, 1),
             "worker_cpu_us_per_request": (after["worker"] - before["worker"]) / 1000
             / max(posted, 1),
+            "user_system_us_per_payment": {
+                role: [round((split_after[role][i] - split_before[role][i]) * 1e6
+                             / max(recorded, 1), 1) for i in (0, 1)]
+                for role in split_after
+            },
             "idle_cpu_percent": {k: (idle_after[k] - idle_before[k]) / 5e9 * 100
                                  for k in idle_after},
         }
@@ -219,6 +239,40 @@ def main() -> int:
             cgroups.remove(group_parent, [group])
 
 
+def _start_capture(path: Path, port: int) -> subprocess.Popen[bytes] | None:
+    """tcpdump on loopback for the worker's port (kernel timestamps), or None without it."""
+    import shutil
+
+    binary = shutil.which("tcpdump")
+    if binary is None:
+        print("tcpdump not found (apt-get install tcpdump): no server-side latency",
+              file=sys.stderr)
+        return None
+    process = subprocess.Popen(
+        [binary, "-i", "lo", "-n", "-s", "128", "-B", "16384", "-w", str(path),
+         f"tcp port {port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, {os.cpu_count() - 1}),
+    )
+    time.sleep(1)  # tcpdump needs a moment before it captures
+    return process
+
+
+def _server_side(capture: Path, port: int) -> dict[str, float]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pcap_latency import server_latencies_s
+
+    latencies = sorted(server_latencies_s(capture, port))
+    if not latencies:
+        return {}
+
+    def at(q: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 3)
+
+    return {"requests": len(latencies), "p(50)": at(0.5), "p(90)": at(0.9), "p(99)": at(0.99),
+            "p(99.9)": at(0.999), "max": round(latencies[-1] * 1000, 3)}
+
+
 def _recorded(url: str) -> int:
     summary = httpx.get(url + "/payments-summary").json()
     return summary["default"]["totalRequests"] + summary["fallback"]["totalRequests"]
@@ -234,8 +288,15 @@ def _report(result: dict) -> None:
     print(f"dispatcher CPU per payment  {result['dispatcher_cpu_us_per_payment']:8.1f} us "
           "(budget 150)")
     print(f"worker CPU per request      {result['worker_cpu_us_per_request']:8.1f} us")
-    print("POST /payments latency ms   " + "  ".join(f"{k} {v:.3f}" for k, v in latency.items())
-          + "  (budget p99 1.0)")
+    split = result["user_system_us_per_payment"]
+    print("user/system us per payment  " + ", ".join(
+        f"{role} {u:.0f}/{s:.0f}" for role, (u, s) in split.items()))
+    print("POST /payments client ms    " + "  ".join(f"{k} {v:.3f}" for k, v in latency.items()))
+    server = result.get("server_side_ms")
+    if server:
+        print("POST /payments server ms    " + "  ".join(
+            f"{k} {v:.3f}" for k, v in server.items() if k != "requests")
+            + f"  (budget p99 1.0; {server['requests']} requests)")
     idle = result["idle_cpu_percent"]
     print(f"idle CPU                    worker {idle['worker']:.2f} %, dispatcher "
           f"{idle['dispatcher']:.2f} %")
