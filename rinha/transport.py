@@ -7,14 +7,14 @@ a budget of 150 us CPU per payment for the whole dispatcher. This module keeps h
 
 `python benchmarks/transports.py` (open loop, 550 req/s, server delay 90 ms so ~50 requests in
 flight, client pinned to one core; CPU per request, median of 3 runs; the driver alone costs
-86 us per request on this VM: each wake-up from idle costs ~20 us and runs Python on cold
+84 us per request on this VM: each wake-up from idle costs ~20 us and runs Python on cold
 caches):
-- httpx default: cannot keep up; 98 % of the core, 29 req/s served, the backlog grows without
+- httpx default: cannot keep up; 100 % of the core, 26-36 req/s served, the backlog grows without
   bound (at 150 req/s it holds on at 2.2 ms per request). sniffio made no measurable difference.
-- httpx + httpx-aiohttp: 553 us.
-- httpx.AsyncClient(transport=PooledTransport()): 348 us.
+- httpx + httpx-aiohttp: 591 us.
+- httpx.AsyncClient(transport=PooledTransport()): 387 us.
 - PooledTransport.handle_async_request(httpx.Request(...)) with a prebuilt URL and Headers:
-  208 us, of which ~10 us (hot) is building the httpx.Request and ~10 us the httpx.Response.
+  224 us, of which ~10 us (hot) is building the httpx.Request and ~10 us the httpx.Response.
 
 Outcome classes, so the caller can decide what to retry (a POST may or may not have been
 applied once its bytes left):
@@ -38,6 +38,7 @@ import httpx
 __all__ = ["PooledTransport"]
 
 _MAX_HEAD_BYTES = 65536
+_MAX_ROUTES = 16
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 # Parser states of a connection.
@@ -470,15 +471,15 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._pools: dict[tuple[bytes, bytes, int | None], _Pool] = {}
-        self._last_target: tuple[httpx.URL, str, _Pool, bytes] | None = None
+        self._routes: dict[int, tuple[httpx.URL, str, _Pool, bytes]] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         method = request.method
-        last = self._last_target
-        if last is not None and last[0] is url and last[1] == method:
-            # The caller reuses one URL object (the dispatcher does): skip re-encoding it.
-            pool, request_line = last[2], last[3]
+        route = self._routes.get(id(url))
+        if route is not None and route[0] is url and route[1] == method:
+            # The caller reuses its URL objects (the dispatcher does): skip re-encoding them.
+            pool, request_line = route[2], route[3]
         else:
             pool, request_line = self._route(url, method)
 
@@ -524,7 +525,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-        self._last_target = None
+        self._routes.clear()
 
     def _route(self, url: httpx.URL, method: str) -> tuple[_Pool, bytes]:
         """Find (or create) the pool for a URL and encode its request line."""
@@ -533,8 +534,10 @@ class PooledTransport(httpx.AsyncBaseTransport):
         if pool is None:
             pool = self._new_pool(url, key)
         request_line = b"%b %b HTTP/1.1\r\n" % (method.encode("ascii"), url.raw_path)
+        if len(self._routes) >= _MAX_ROUTES:
+            self._routes.clear()  # a caller building a new URL per request: keep it bounded
         # Holding `url` keeps its id from being reused while the cache refers to it.
-        self._last_target = (url, method, pool, request_line)
+        self._routes[id(url)] = (url, method, pool, request_line)
         return pool, request_line
 
     def _new_pool(self, url: httpx.URL, key: tuple[bytes, bytes, int | None]) -> _Pool:

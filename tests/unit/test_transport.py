@@ -454,3 +454,20 @@ def test_streamed_request_body_is_sent_whole():
             assert server.requests[0].body == b'{"a":1}'
 
     asyncio.run(main())
+
+
+def test_one_pool_per_origin_with_reused_url_objects():
+    async def main():
+        async with Server(answer_ok) as first, Server(answer_ok) as second:
+            transport = PooledTransport()
+            urls = [httpx.URL(first.url), httpx.URL(second.url)]
+            for i in range(6):
+                request = httpx.Request("POST", urls[i % 2], content=b"x" * i)
+                resp = await transport.handle_async_request(request)
+                assert resp.json() == {"echo": i}
+            await transport.aclose()
+        assert [len(req.body) for req in first.requests] == [0, 2, 4]
+        assert [len(req.body) for req in second.requests] == [1, 3, 5]
+        assert (first.connections, second.connections) == (1, 1)
+
+    asyncio.run(main())
