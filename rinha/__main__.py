@@ -117,6 +117,8 @@ def run_dispatcher(
     except RuntimeError as exc:
         if "Event loop stopped" not in str(exc):
             raise
+    if dispatcher.crashed:
+        raise SystemExit("the dispatcher stopped on an unexpected error")
 
 
 def _configure_logging(instance: str) -> None:

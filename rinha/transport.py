@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 
 import httpx
 
@@ -443,15 +444,13 @@ class _Pool:
         self._size -= 1
 
 
-async def _read_streamed_body(request: httpx.Request) -> tuple[bytes, bytes]:
-    """Read a streamed request body; return it framed, plus any framing header to add."""
-    body = await request.aread()
-    headers = request.headers
-    if "transfer-encoding" in headers:
-        return (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"), b""
-    if "content-length" in headers:
-        return body, b""
-    return body, b"Content-Length: %d\r\n" % len(body)
+Reply = httpx.Response | BaseException
+
+
+def _outcome(task: asyncio.Future) -> Reply:
+    if task.cancelled():
+        return httpx.ReadError("cancelled")
+    return task.exception() or task.result()
 
 
 class PooledTransport(httpx.AsyncBaseTransport):
@@ -474,6 +473,67 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._routes: dict[int, tuple[httpx.URL, str, _Pool, bytes]] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            request.content  # noqa: B018 - raises RequestNotRead for a streamed body
+        except httpx.RequestNotRead:
+            await request.aread()
+        pool, data = self._encode(request)
+        conn = pool.take_idle()
+        if conn is None:
+            conn = await self._acquire(pool, request)
+        try:
+            reply = await conn.send(data, request, self._read_timeout_s)
+        except BaseException:
+            # Timed out, failed or cancelled mid-response: the connection state is unknown.
+            pool.discard(conn)
+            raise
+        return self._response(pool, conn, request, reply)
+
+    def start(self, request: httpx.Request, on_done: Callable[[Reply], None]) -> None:
+        """handle_async_request without a coroutine, for a caller on the hot path.
+
+        Writes the request now when an idle connection is there (else waits for one in a task)
+        and calls `on_done(response_or_exception)` from the loop once the reply is in. Saves
+        the Task and the loop turns a coroutine costs per request. The body must be in memory.
+        """
+        pool, data = self._encode(request)
+        conn = pool.take_idle()
+        if conn is None:
+            task = asyncio.ensure_future(self.handle_async_request(request))
+            task.add_done_callback(lambda done: on_done(_outcome(done)))
+            return
+        reply = conn.send(data, request, self._read_timeout_s)
+        reply.add_done_callback(
+            lambda done: on_done(self._settle_reply(pool, conn, request, done)))
+
+    def _settle_reply(self, pool: _Pool, conn: _Connection, request: httpx.Request,
+                      done: asyncio.Future) -> Reply:
+        if done.cancelled() or done.exception() is not None:
+            pool.discard(conn)
+            return done.exception() or httpx.ReadError("cancelled", request=request)
+        return self._response(pool, conn, request, done.result())
+
+    def _response(self, pool: _Pool, conn: _Connection, request: httpx.Request,
+                  reply: tuple[int, list[tuple[bytes, bytes]], bytes, bool]) -> httpx.Response:
+        status, headers, content, keep_alive = reply
+        if keep_alive:
+            pool.release(conn)
+        else:
+            pool.discard(conn)
+        # A stream, as httpx's transport contract has it: AsyncClient reads it; a direct caller
+        # that only needs the status (the dispatcher) skips the read (~9 us a response).
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content),
+                              request=request)
+
+    async def _acquire(self, pool: _Pool, request: httpx.Request) -> _Connection:
+        try:
+            return await pool.acquire()
+        except httpx.TransportError as exc:
+            exc.request = request  # AsyncClient sets it too; direct callers need it
+            raise
+
+    def _encode(self, request: httpx.Request) -> tuple[_Pool, bytes]:
+        """The pool for the request's origin and the request's bytes (body in memory)."""
         url = request.url
         method = request.method
         route = self._routes.get(id(url))
@@ -482,44 +542,25 @@ class PooledTransport(httpx.AsyncBaseTransport):
             pool, request_line = route[2], route[3]
         else:
             pool, request_line = self._route(url, method)
-
-        try:
-            body = request.content
-            extra = b""
-        except httpx.RequestNotRead:
-            body, extra = await _read_streamed_body(request)
+        body = request.content
+        extra = b""
         raw_headers = request.headers.raw
         # httpx.Request puts the Host header it adds first; look further only if it is not there.
         if not raw_headers or (raw_headers[0][0].lower() != b"host"
                                and all(name.lower() != b"host" for name, _ in raw_headers)):
             extra += pool.host_line
+        headers = request.headers
+        if "transfer-encoding" in headers:  # a streamed body, read by now: one chunk
+            body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+        elif body and "content-length" not in headers:
+            extra += b"Content-Length: %d\r\n" % len(body)
         parts = [request_line]
         for name, value in raw_headers:
             parts += (name, b": ", value, b"\r\n")
         parts.append(extra)
         parts.append(b"\r\n")
         parts.append(body)
-        data = b"".join(parts)
-
-        conn = pool.take_idle()
-        if conn is None:
-            try:
-                conn = await pool.acquire()
-            except httpx.TransportError as exc:
-                exc.request = request  # AsyncClient sets it too; direct callers need it
-                raise
-        try:
-            status, headers, content, keep_alive = await conn.send(
-                data, request, self._read_timeout_s)
-        except BaseException:
-            # Timed out, failed or cancelled mid-response: the connection state is unknown.
-            pool.discard(conn)
-            raise
-        if keep_alive:
-            pool.release(conn)
-        else:
-            pool.discard(conn)
-        return httpx.Response(status, headers=headers, content=content, request=request)
+        return pool, b"".join(parts)
 
     async def aclose(self) -> None:
         for pool in self._pools.values():

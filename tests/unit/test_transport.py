@@ -82,6 +82,12 @@ class Server:
             self.closed += 1
 
 
+
+async def read_body(response: httpx.Response) -> bytes:
+    """A transport hands back a stream (AsyncClient reads it); read it as a direct caller must."""
+    await response.aread()
+    return response.content
+
 def response(body: bytes = b'{"ok":true}', status: str = "200 OK", extra: bytes = b"") -> bytes:
     return (b"HTTP/1.1 %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b\r\n%b"
             % (status.encode(), len(body), extra, body))
@@ -140,6 +146,7 @@ def test_handle_async_request_called_directly():
                 request = httpx.Request("POST", url, content=BODY,
                                         headers={"Content-Type": "application/json"})
                 resp = await transport.handle_async_request(request)
+                await resp.aread()  # a transport returns a stream; AsyncClient would read it
                 assert resp.status_code == 200
                 assert resp.content == b'{"echo":%d}' % len(BODY)
                 assert resp.request is request
@@ -167,7 +174,7 @@ def test_concurrency_is_capped_and_extra_callers_queue_in_order():
 
             async def one(i: int) -> bytes:
                 req = httpx.Request("POST", server.url, content=b"%d" % i)
-                return (await transport.handle_async_request(req)).content
+                return await read_body(await transport.handle_async_request(req))
 
             started = time.monotonic()
             bodies = await asyncio.gather(*(one(i) for i in range(8)))
@@ -201,7 +208,7 @@ def test_cancelled_waiter_does_not_leak_its_place():
 
             async def call(body: bytes) -> bytes:
                 req = httpx.Request("POST", server.url, content=body)
-                return (await transport.handle_async_request(req)).content
+                return await read_body(await transport.handle_async_request(req))
 
             first = asyncio.create_task(call(b"first"))
             await wait_until(lambda: len(server.requests) == 1)
@@ -464,6 +471,7 @@ def test_one_pool_per_origin_with_reused_url_objects():
             for i in range(6):
                 request = httpx.Request("POST", urls[i % 2], content=b"x" * i)
                 resp = await transport.handle_async_request(request)
+                await resp.aread()
                 assert resp.json() == {"echo": i}
             await transport.aclose()
         assert [len(req.body) for req in first.requests] == [0, 2, 4]
