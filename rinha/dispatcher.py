@@ -40,7 +40,7 @@ DUPLICATE = "duplicate"  # 422 on a clean first attempt: another payment had thi
 DEFINITE_FAILURE = "failure"  # nothing was stored: the payment may go anywhere later
 UNKNOWN = "unknown"  # maybe stored: retry on the same processor with the same requestedAt
 
-_JSON_HEADERS = ((b"Content-Type", b"application/json"),)
+_JSON_HEADER = (b"Content-Type", b"application/json")
 
 # Errors raised before a single byte of the request left: the processor cannot have it.
 _NOT_DELIVERED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -101,6 +101,7 @@ class Dispatcher:
         self.crashed = False
         # Parsed once: building an httpx.Request from a string re-parses the URL (~10 us).
         self._urls = tuple(httpx.URL(f"{url}/payments") for url in settings.processor_urls)
+        self._host_headers = tuple((b"Host", url.netloc) for url in self._urls)
         self._transport = PooledTransport(
             max_connections=settings.dispatch_concurrency,
             connect_timeout_s=min(2.0, settings.request_timeout_s),
@@ -294,7 +295,11 @@ class Dispatcher:
             f'"amount":{wire.format_cents(payment.cents)},'
             f'"requestedAt":"{wire.format_requested_at(payment.requested_at)}"}}'
         ).encode()
-        request = httpx.Request("POST", self._urls[processor], content=body, headers=_JSON_HEADERS)
+        # stream= with the headers spelled out builds a Request in ~2 us; content= takes ~10.
+        headers = (self._host_headers[processor], _JSON_HEADER,
+                   (b"Content-Length", b"%d" % len(body)))
+        request = httpx.Request("POST", self._urls[processor], stream=httpx.ByteStream(body),
+                                headers=headers)
         # A callback, not a Task per payment: fewer loop turns per payment (the CPU budget).
         self._transport.start(
             request, lambda reply: self._on_reply(payment, processor, was_probe, reply))

@@ -56,6 +56,10 @@ _CHUNK_DATA_END = 2
 _CHUNK_TRAILER = 3
 
 
+# status, headers, body, keep-alive
+RawReply = tuple[int, list[tuple[bytes, bytes]], bytes, bool]
+
+
 class _MalformedResponse(Exception):
     pass
 
@@ -69,6 +73,7 @@ class _Connection(asyncio.Protocol):
         # True once the peer sent EOF, the socket failed, or we gave the connection up.
         self.closed = False
         self._waiter: asyncio.Future | None = None
+        self._on_reply: Callable[[RawReply | httpx.TransportError], None] | None = None
         self._request: httpx.Request | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._state = _IDLE
@@ -122,12 +127,22 @@ class _Connection(asyncio.Protocol):
         """Write one request; the future resolves to (status, headers, body, keep_alive)."""
         waiter = self._loop.create_future()
         self._waiter = waiter
+        self._write(data, request, read_timeout_s)
+        return waiter
+
+    def send_then(self, data: bytes, request: httpx.Request, read_timeout_s: float,
+                  on_reply: Callable[[RawReply | httpx.TransportError], None]) -> None:
+        """Write one request; call `on_reply` with the reply tuple or the error, from inside
+        the loop callback that completes it (one loop turn fewer than a future)."""
+        self._on_reply = on_reply
+        self._write(data, request, read_timeout_s)
+
+    def _write(self, data: bytes, request: httpx.Request, read_timeout_s: float) -> None:
         self._request = request
         self._state = _HEAD
         self._no_body = request.method == "HEAD"
         self._timer = self._loop.call_later(read_timeout_s, self._on_read_timeout)
         self._transport.write(data)  # type: ignore[union-attr]
-        return waiter
 
     def abort(self) -> None:
         self.closed = True
@@ -141,18 +156,23 @@ class _Connection(asyncio.Protocol):
         self._fail(httpx.ReadTimeout("timed out waiting for the response", request=self._request))
 
     def _fail(self, exc: httpx.TransportError) -> None:
-        waiter = self._waiter
+        waiter, on_reply = self._waiter, self._on_reply
         self._reset()
         # A connection whose response went wrong is in an unknown state: never reuse it.
         self.abort()
-        if waiter is not None and not waiter.done():
+        if on_reply is not None:
+            on_reply(exc)
+        elif waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
     def _finish(self, body: bytes, leftover: bytes | bytearray) -> None:
-        waiter = self._waiter
+        """The last thing a parsing step does: `on_reply` may reuse this connection at once."""
+        waiter, on_reply = self._waiter, self._on_reply
         result = (self._status, self._headers, body, self._keep_alive and not leftover)
         self._reset()
-        if waiter is not None and not waiter.done():
+        if on_reply is not None:
+            on_reply(result)
+        elif waiter is not None and not waiter.done():
             waiter.set_result(result)
 
     def _reset(self) -> None:
@@ -160,6 +180,7 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._waiter = None
+        self._on_reply = None
         self._request = None
         self._state = _IDLE
         self._pending = b""
@@ -494,7 +515,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
 
         Writes the request now when an idle connection is there (else waits for one in a task)
         and calls `on_done(response_or_exception)` from the loop once the reply is in. Saves
-        the Task and the loop turns a coroutine costs per request. The body must be in memory.
+        the Task and the loop turns a coroutine costs per request. The body must be in memory
+        (`content=`, or `stream=httpx.ByteStream(...)`, which builds a Request 4x faster).
         """
         pool, data = self._encode(request)
         conn = pool.take_idle()
@@ -502,19 +524,17 @@ class PooledTransport(httpx.AsyncBaseTransport):
             task = asyncio.ensure_future(self.handle_async_request(request))
             task.add_done_callback(lambda done: on_done(_outcome(done)))
             return
-        reply = conn.send(data, request, self._read_timeout_s)
-        reply.add_done_callback(
-            lambda done: on_done(self._settle_reply(pool, conn, request, done)))
+        def on_reply(reply: RawReply | httpx.TransportError) -> None:
+            if isinstance(reply, BaseException):
+                pool.discard(conn)
+                on_done(reply)
+            else:
+                on_done(self._response(pool, conn, request, reply))
 
-    def _settle_reply(self, pool: _Pool, conn: _Connection, request: httpx.Request,
-                      done: asyncio.Future) -> Reply:
-        if done.cancelled() or done.exception() is not None:
-            pool.discard(conn)
-            return done.exception() or httpx.ReadError("cancelled", request=request)
-        return self._response(pool, conn, request, done.result())
+        conn.send_then(data, request, self._read_timeout_s, on_reply)
 
     def _response(self, pool: _Pool, conn: _Connection, request: httpx.Request,
-                  reply: tuple[int, list[tuple[bytes, bytes]], bytes, bool]) -> httpx.Response:
+                  reply: RawReply) -> httpx.Response:
         status, headers, content, keep_alive = reply
         if keep_alive:
             pool.release(conn)
@@ -542,7 +562,10 @@ class PooledTransport(httpx.AsyncBaseTransport):
             pool, request_line = route[2], route[3]
         else:
             pool, request_line = self._route(url, method)
-        body = request.content
+        try:
+            body = request.content
+        except httpx.RequestNotRead:
+            body = request.read()  # an in-memory stream (httpx.ByteStream) reads in place
         extra = b""
         raw_headers = request.headers.raw
         # httpx.Request puts the Host header it adds first; look further only if it is not there.
