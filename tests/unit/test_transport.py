@@ -479,3 +479,59 @@ def test_one_pool_per_origin_with_reused_url_objects():
         assert (first.connections, second.connections) == (1, 1)
 
     asyncio.run(main())
+
+
+async def start_and_wait(transport: PooledTransport, request: httpx.Request):
+    """PooledTransport.start, awaited: its callback's argument (a Response or an exception)."""
+    done = asyncio.get_running_loop().create_future()
+    transport.start(request, done.set_result)
+    return await done
+
+
+def test_start_calls_back_with_the_response_and_reuses_the_connection():
+    async def main():
+        async with Server(answer_ok) as server:
+            transport = PooledTransport()
+            url = httpx.URL(server.url)
+            for i in range(4):
+                body = b"x" * (i + 1)
+                request = httpx.Request("POST", url, stream=httpx.ByteStream(body),
+                                        headers={"Content-Length": str(len(body))})
+                reply = await start_and_wait(transport, request)
+                assert isinstance(reply, httpx.Response)
+                assert reply.status_code == 200 and reply.request is request
+                await reply.aread()
+                assert reply.json() == {"echo": len(body)}
+            assert server.connections == 1  # the first call opened it (task path), then reuse
+            assert [r.body for r in server.requests] == [b"x", b"xx", b"xxx", b"xxxx"]
+            await transport.aclose()
+
+    asyncio.run(main())
+
+
+def test_start_reports_a_timeout_and_a_refusal_as_their_httpx_errors():
+    async def slow(req: Req, writer: asyncio.StreamWriter) -> bool:
+        if req.body == b"slow":
+            await asyncio.sleep(0.5)
+        writer.write(response(req.body))
+        await writer.drain()
+        return True
+
+    async def main():
+        async with Server(slow) as server:
+            transport = PooledTransport(read_timeout_s=0.15)
+            url = httpx.URL(server.url)
+            first = await start_and_wait(transport, httpx.Request("POST", url, content=b"fast"))
+            assert isinstance(first, httpx.Response)  # an idle connection exists now
+            slow_request = httpx.Request("POST", url, content=b"slow")
+            timed_out = await start_and_wait(transport, slow_request)
+            assert isinstance(timed_out, httpx.ReadTimeout)  # outcome unknown
+            await wait_until(lambda: server.closed == 1)  # that connection is not reused
+            again = await start_and_wait(transport, httpx.Request("POST", url, content=b"fast"))
+            assert isinstance(again, httpx.Response) and server.connections == 2
+            await transport.aclose()
+        nobody = httpx.Request("POST", f"http://127.0.0.1:{free_port()}/", content=b"x")
+        refused = await start_and_wait(PooledTransport(), nobody)
+        assert isinstance(refused, httpx.ConnectError)  # never sent
+
+    asyncio.run(main())
