@@ -22,6 +22,7 @@ from typing import Protocol
 
 import httpx
 import posix_ipc
+from native_ledger._mqueue import receive_into
 
 from rinha import routing, wire
 from rinha.health import HealthPoller, HealthReport
@@ -147,6 +148,10 @@ class Dispatcher:
 
     def recover(self) -> None:
         """Rebuild the in-memory queues from the table a previous dispatcher left."""
+        staged = self._table.recover_staged(time.time_ns() // 1_000_000,
+                                            lambda cents: cents != PURGE_CENTS)
+        if staged is not None:
+            log.warning("committed a payment a previous dispatcher had received but not kept")
         held = sorted(self._table.held(), key=lambda p: (p.held_since_ms, p.slot))
         used = set()
         for payment in held:
@@ -201,21 +206,32 @@ class Dispatcher:
 
     def _drain_queue(self) -> int:
         """Move every queued record into a slot (the kernel queue is only a short handoff);
-        returns how many payments moved."""
+        returns how many payments moved. The kernel copies each record straight into its slot
+        (see staging in holding.py), so a kill at any instant loses nothing."""
         now_ms = time.time_ns() // 1_000_000
-        receive = self._queue.receive
+        table, view, mqd = self._table, self._table.view, self._queue.mqd
         moved = 0
         while self._free_slots:
+            slot = self._free_slots[-1]
+            table.stage(slot)
             try:
-                record, _ = receive()
-            except posix_ipc.BusyError:
+                size = receive_into(mqd, view, table.record_offset(slot))
+            except BlockingIOError:
+                table.unstage()
                 break
-            correlation_id, cents = wire.decode_payment(record)
-            if cents == PURGE_CENTS:
-                self._on_purge()
+            correlation_id, cents = wire.decode_payment(table.staged_record(slot))
+            if cents == PURGE_CENTS or size != wire.PAYMENT_RECORD_SIZE:
+                table.stage(slot)  # empties the record again: nothing to keep
+                table.unstage()
+                if cents == PURGE_CENTS:
+                    self._on_purge()
+                else:
+                    log.error("dropped a %d-byte queue message that is not a payment", size)
                 continue
-            payment = HeldPayment(self._free_slots.pop(), correlation_id, cents, now_ms)
-            self._table.write(payment)
+            self._free_slots.pop()
+            payment = HeldPayment(slot, correlation_id, cents, now_ms)
+            table.write(payment)
+            table.unstage()
             self._waiting.append(payment)
             moved += 1
         if not self._free_slots:

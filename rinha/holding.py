@@ -16,30 +16,45 @@ A slot's state says what a restarted dispatcher must do with it:
              of its own region, so nothing else moves that cell in between).
 Fields are written before the state byte, so a slot is never seen in a state whose fields are
 missing.
+
+Staging closes the gap between the kernel queue and a slot: the dispatcher names the slot it
+is about to fill in the header (`staging`), and the kernel copies the queue record straight
+into that slot's record area (native_ledger._mqueue.receive_into). A dispatcher killed after
+the copy but before the slot was committed leaves a FREE slot with a record in it, named by
+`staging`: the next dispatcher commits it (`recover_staged`), so no payment the kernel handed
+over is lost, and none is taken twice (the slot is committed in place, then `staging` cleared).
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import posix_ipc
+
+from rinha import wire
 
 FREE = 0
 QUEUED = 1
 SENDING = 2
 RECORDING = 3
 
-# state, processor, pinned, pad, attempts, requested_at, cents, held_since_ms, word_before, uuid
-_SLOT = struct.Struct("<BBBxIqqqQ16s8x")
+# state, processor, pinned, pad, attempts, requested_at, held_since_ms, word_before, pad,
+# then the queue record exactly as the workers encode it (wire.PAYMENT_RECORD): uuid, cents.
+_SLOT = struct.Struct("<BBBxIqqQ8x16sq")
 SLOT_SIZE = _SLOT.size  # 64: one cache line per slot
-_FIELDS = struct.Struct("<BBxIqqqQ16s")  # the slot without its state byte, written first
+_FIELDS = struct.Struct("<BBxIqqQ8x16sq")  # the slot without its state byte, written first
+RECORD_OFFSET = 40  # where the queue record sits in a slot
+_RECORD_SIZE = wire.PAYMENT_RECORD_SIZE
+_ZERO_RECORD = bytes(_RECORD_SIZE)
 _HEADER = struct.Struct("<8sII")  # magic, version, capacity
+_STAGING = struct.Struct("<q")  # at offset 16: the slot being filled from the queue, or -1
+_STAGING_OFFSET = 16
 _HEADER_SIZE = 64
 _MAGIC = b"rinhaHLD"
-_VERSION = 1
+_VERSION = 2
 
 
 @dataclass(slots=True)
@@ -73,6 +88,7 @@ class HoldingTable:
         view = mmap.mmap(memory.fd, size)
         memory.close_fd()
         _HEADER.pack_into(view, 0, _MAGIC, _VERSION, capacity)
+        _STAGING.pack_into(view, _STAGING_OFFSET, -1)
         return cls(memory, view, capacity)
 
     @classmethod
@@ -101,15 +117,57 @@ class HoldingTable:
     def close(self) -> None:
         self._view.close()
 
+    @property
+    def view(self) -> mmap.mmap:
+        """The mapping itself, for receive_into."""
+        return self._view
+
     def write(self, payment: HeldPayment) -> None:
         """Store the payment's fields, then its state (see the module docstring)."""
         offset = _HEADER_SIZE + payment.slot * SLOT_SIZE
         _FIELDS.pack_into(
             self._view, offset + 1, payment.processor, payment.pinned, payment.attempts,
-            payment.requested_at, payment.cents, payment.held_since_ms, payment.word_before,
-            payment.correlation_id,
+            payment.requested_at, payment.held_since_ms, payment.word_before,
+            payment.correlation_id, payment.cents,
         )
         self._view[offset] = payment.state
+
+    # Staging: the queue record lands in a slot before the slot is committed ----------------
+
+    def record_offset(self, slot: int) -> int:
+        return _HEADER_SIZE + slot * SLOT_SIZE + RECORD_OFFSET
+
+    def stage(self, slot: int) -> None:
+        """Empty the slot's record area, then name the slot as the one being filled."""
+        start = self.record_offset(slot)
+        self._view[start:start + _RECORD_SIZE] = _ZERO_RECORD
+        _STAGING.pack_into(self._view, _STAGING_OFFSET, slot)
+
+    def staged_record(self, slot: int) -> bytes:
+        start = self.record_offset(slot)
+        return self._view[start:start + _RECORD_SIZE]
+
+    def unstage(self) -> None:
+        """The staged slot is committed (or nothing was received): forget it."""
+        _STAGING.pack_into(self._view, _STAGING_OFFSET, -1)
+
+    def recover_staged(
+        self, held_since_ms: int, is_payment: Callable[[int], bool]
+    ) -> HeldPayment | None:
+        """Commit a record the kernel copied into a slot that a killed dispatcher never
+        committed; `is_payment(cents)` tells a payment from a control record."""
+        (slot,) = _STAGING.unpack_from(self._view, _STAGING_OFFSET)
+        if not 0 <= slot < self.capacity:
+            return None
+        offset = _HEADER_SIZE + slot * SLOT_SIZE
+        correlation_id, cents = wire.PAYMENT_RECORD.unpack_from(self._view,
+                                                                 offset + RECORD_OFFSET)
+        payment = None
+        if self._view[offset] == FREE and cents and is_payment(cents):
+            payment = HeldPayment(slot, correlation_id, cents, held_since_ms)
+            self.write(payment)
+        self.unstage()
+        return payment
 
     def set_state(self, payment: HeldPayment, state: int) -> None:
         payment.state = state
@@ -132,8 +190,8 @@ class HoldingTable:
                 state = fields[0]
                 if state == FREE:
                     continue
-                (_, processor, pinned, attempts, requested_at, cents, held_since_ms,
-                 word_before, correlation_id) = fields
+                (_, processor, pinned, attempts, requested_at, held_since_ms, word_before,
+                 correlation_id, cents) = fields
                 yield HeldPayment(
                     slot=slot, correlation_id=correlation_id, cents=cents,
                     held_since_ms=held_since_ms, state=state, processor=processor,

@@ -12,6 +12,7 @@ from uuid import uuid4
 import posix_ipc
 import pytest
 
+from rinha import holding, wire
 from rinha.holding import (
     FREE,
     QUEUED,
@@ -167,7 +168,7 @@ def write_segment(name: str, content: bytes, size: int) -> None:
     [
         b"",  # all zeros
         b"notrinha" + bytes(8),
-        b"rinhaHLD" + (2).to_bytes(4, "little") + (4).to_bytes(4, "little"),  # a later version
+        b"rinhaHLD" + (holding._VERSION + 1).to_bytes(4, "little") + (4).to_bytes(4, "little"),
     ],
 )
 def test_open_of_a_garbage_segment_raises_value_error(name: str, content: bytes) -> None:
@@ -177,7 +178,7 @@ def test_open_of_a_garbage_segment_raises_value_error(name: str, content: bytes)
 
 
 def test_open_of_a_segment_smaller_than_its_header_says_raises(name: str) -> None:
-    header = b"rinhaHLD" + (1).to_bytes(4, "little") + (1000).to_bytes(4, "little")
+    header = b"rinhaHLD" + holding._VERSION.to_bytes(4, "little") + (1000).to_bytes(4, "little")
     write_segment(name, header, 64 + 4 * SLOT_SIZE)
     with pytest.raises(ValueError, match="smaller than its 1000 slots"):
         HoldingTable.open(name)
@@ -213,3 +214,71 @@ def test_a_forked_process_writes_slots_the_parent_reads(name: str, table: Holdin
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert list(table.held()) == by_child
+
+
+# --- staging: the kernel copies a queue record straight into a slot ----------------------
+
+
+@pytest.fixture
+def queue() -> Iterator[posix_ipc.MessageQueue]:
+    created = posix_ipc.MessageQueue(f"/rinha-test-{uuid4().hex[:10]}", posix_ipc.O_CREX,
+                                     max_messages=4, max_message_size=wire.PAYMENT_RECORD_SIZE)
+    created.block = False
+    yield created
+    created.close()
+    created.unlink()
+
+
+def receive_into_slot(table: HoldingTable, queue: posix_ipc.MessageQueue, slot: int) -> None:
+    from native_ledger._mqueue import receive_into
+
+    table.stage(slot)
+    assert receive_into(queue.mqd, table.view, table.record_offset(slot)) == 24
+
+
+def is_payment(cents: int) -> bool:
+    return cents > 0
+
+
+def test_a_received_but_uncommitted_record_is_committed_once_on_recovery(name, table, queue):
+    correlation_id = uuid4().bytes
+    queue.send(wire.encode_payment(correlation_id, 1990))
+    receive_into_slot(table, queue, 3)
+    assert queue.current_messages == 0  # the kernel handed it over...
+    assert list(table.held()) == []  # ...and the dispatcher died before committing it
+    reopened = HoldingTable.open(name)
+    try:
+        recovered = reopened.recover_staged(1234, is_payment)
+        assert (recovered.slot, recovered.correlation_id, recovered.cents) == (3, correlation_id,
+                                                                                1990)
+        assert [(p.slot, p.state, p.cents) for p in reopened.held()] == [(3, QUEUED, 1990)]
+        assert reopened.recover_staged(1234, is_payment) is None  # never twice
+        assert len(list(reopened.held())) == 1
+    finally:
+        reopened.close()
+
+
+def test_a_committed_slot_still_named_staging_is_not_taken_again(table, queue):
+    queue.send(wire.encode_payment(uuid4().bytes, 500))
+    receive_into_slot(table, queue, 1)
+    correlation_id, cents = wire.decode_payment(table.staged_record(1))
+    table.write(HeldPayment(1, correlation_id, cents, 99))  # committed; killed before unstage
+    assert table.recover_staged(100, is_payment) is None
+    assert [(p.slot, p.cents, p.held_since_ms) for p in table.held()] == [(1, 500, 99)]
+
+
+def test_staging_with_nothing_received_or_a_control_record_commits_nothing(table, queue):
+    table.stage(2)  # killed before the receive returned
+    assert table.recover_staged(100, is_payment) is None
+    queue.send(wire.encode_payment(bytes(16), -1))  # a control record, not a payment
+    receive_into_slot(table, queue, 2)
+    assert table.recover_staged(100, is_payment) is None
+    assert list(table.held()) == []
+
+
+def test_stage_empties_what_an_earlier_payment_left_in_the_slot(table):
+    table.write(payment(0, cents=777))
+    table.free(0)
+    table.stage(0)
+    assert table.staged_record(0) == bytes(24)
+    assert table.recover_staged(100, is_payment) is None

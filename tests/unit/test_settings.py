@@ -22,6 +22,7 @@ def test_defaults_with_an_empty_environment() -> None:
         "hold_capacity": 65536,
         "ledger_seconds": 131072,
         "dispatch_concurrency": 64,
+        "dispatch_batch_s": 0.005,
         "drain_rate_per_s": 1200,
         "fallback_after_s": 0.0,
         "request_timeout_s": 10.0,
