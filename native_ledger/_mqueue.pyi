@@ -1,0 +1,3 @@
+from collections.abc import Buffer
+
+def receive_into(mqd: int, buffer: Buffer, offset: int, /) -> int: ...
