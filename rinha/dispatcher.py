@@ -155,10 +155,10 @@ class Dispatcher:
         held = sorted(self._table.held(), key=lambda p: (p.held_since_ms, p.slot))
         used = set()
         for payment in held:
-            used.add(payment.slot)
             if payment.state == RECORDING:
-                self._finish_recording(payment)
+                self._finish_recording(payment)  # frees the slot
                 continue
+            used.add(payment.slot)
             if payment.state == SENDING:
                 # Its request may have reached the processor: only the same processor with
                 # the same requestedAt can tell us (invariant 3).

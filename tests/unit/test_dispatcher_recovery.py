@@ -1,0 +1,77 @@
+"""Dispatcher.recover: what a restarted dispatcher does with each slot state it finds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from uuid import uuid4
+
+import posix_ipc
+import pytest
+
+from rinha import wire
+from rinha.dispatcher import Dispatcher
+from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
+from rinha.ledger import DEFAULT, Ledger
+from rinha.settings import load
+
+SECOND = 1_780_000_000
+
+
+@pytest.fixture
+def parts() -> Iterator[tuple[posix_ipc.MessageQueue, HoldingTable, Ledger]]:
+    name = f"rt{uuid4().hex[:10]}"
+    settings = load({"INSTANCE_NAME": name})
+    queue = posix_ipc.MessageQueue(settings.queue_name, posix_ipc.O_CREX, max_messages=4,
+                                   max_message_size=wire.PAYMENT_RECORD_SIZE)
+    table = HoldingTable.create(settings.holding_name, 16)
+    ledger = Ledger.create(settings.ledger_name, 1024)
+    yield queue, table, ledger
+    queue.close()
+    queue.unlink()
+    table.close()
+    HoldingTable.unlink(settings.holding_name)
+    ledger.close()
+    Ledger.unlink(settings.ledger_name)
+
+
+def dispatcher(parts) -> Dispatcher:
+    queue, table, ledger = parts
+    return Dispatcher(load({"INSTANCE_NAME": "unused"}), queue, table, ledger)
+
+
+def held(slot: int, state: int, **fields: object) -> HeldPayment:
+    return HeldPayment(slot, uuid4().bytes, 1990, 1_000, state=state, processor=DEFAULT,
+                       requested_at=SECOND, **fields)
+
+
+def test_recording_whose_add_did_not_happen_is_counted_once_and_freed(parts):
+    _, table, ledger = parts
+    table.write(held(2, RECORDING, word_before=ledger.own_word(SECOND, DEFAULT)))
+    restarted = dispatcher(parts)
+    restarted.recover()
+    assert ledger.own_cell(SECOND, DEFAULT) == (1, 1990)
+    assert list(table.held()) == []
+    assert 2 in restarted._free_slots and len(restarted._free_slots) == 16
+
+
+def test_recording_whose_add_happened_is_not_counted_again(parts):
+    _, table, ledger = parts
+    before = ledger.record(SECOND, DEFAULT, 1990)  # the add happened, then the kill
+    table.write(held(2, RECORDING, word_before=before))
+    dispatcher(parts).recover()
+    assert ledger.own_cell(SECOND, DEFAULT) == (1, 1990)
+    assert list(table.held()) == []
+
+
+def test_sending_becomes_pinned_to_its_processor_and_requested_at(parts):
+    _, table, ledger = parts
+    table.write(held(5, SENDING))
+    table.write(held(6, QUEUED))
+    restarted = dispatcher(parts)
+    restarted.recover()
+    states = {p.slot: (p.state, p.pinned, p.requested_at) for p in table.held()}
+    assert states == {5: (QUEUED, True, SECOND), 6: (QUEUED, False, SECOND)}
+    assert [p.slot for p in restarted._pinned[DEFAULT]] == [5]
+    assert [p.slot for p in restarted._waiting] == [6]
+    assert 5 not in restarted._free_slots and 6 not in restarted._free_slots
+    assert ledger.own_cell(SECOND, DEFAULT) == (0, 0)
