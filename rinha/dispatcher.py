@@ -18,7 +18,6 @@ import logging
 import signal
 import time
 from collections import deque
-from typing import Protocol
 
 import httpx
 import posix_ipc
@@ -60,16 +59,6 @@ def classify(status: int | None, pinned: bool) -> str:
     return DEFINITE_FAILURE
 
 
-class LedgerListener(Protocol):
-    """Who hears of the dispatcher's ledger writes: peer sync, when a peer is configured."""
-
-    def recorded(self, cells: set[tuple[int, int]]) -> None:
-        """(second, processor) cells of the OWN region that changed in the last loop turn."""
-
-    def purged(self) -> None:
-        """A worker purged the ledger."""
-
-
 class Dispatcher:
     """Moves payments from the queue through the holding table to the processors."""
 
@@ -86,7 +75,6 @@ class Dispatcher:
         self._table = table
         self._ledger = ledger
         self._peer = peer
-        self._listener: LedgerListener | None = peer
         self._circuits = (routing.Circuit(), routing.Circuit())
         self._waiting: deque[HeldPayment] = deque()  # free to go to any processor
         self._pinned: tuple[deque[HeldPayment], deque[HeldPayment]] = (deque(), deque())
@@ -246,8 +234,8 @@ class Dispatcher:
     def _on_purge(self) -> None:
         # The worker that took POST /purge-payments purged the ledger itself; the peer must be
         # told, as a purge through nginx reaches one instance only (FINDINGS.md).
-        if self._listener is not None:
-            self._listener.purged()
+        if self._peer is not None:
+            self._peer.purged()
 
     # Holding table -> processors -----------------------------------------------------------
 
@@ -416,7 +404,7 @@ class Dispatcher:
 
     def _mark_dirty(self, second: int, processor: int) -> None:
         """Coalesce the cells recorded in this loop turn into one push to the peer."""
-        if self._listener is None:
+        if self._peer is None:
             return
         if not self._dirty and self._loop is not None:
             self._loop.call_soon(self._flush_dirty)
@@ -424,8 +412,8 @@ class Dispatcher:
 
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
-        if self._listener is not None and dirty:
-            self._listener.recorded(dirty)
+        if self._peer is not None and dirty:
+            self._peer.recorded(dirty)
 
     # Health ------------------------------------------------------------------------------
 

@@ -104,7 +104,7 @@ def merge_cells(ledger: Ledger, region: int, cells: list[wire.Cell]) -> None:
 
 
 class PeerSync:
-    """The dispatcher's side of peer sync (a LedgerListener for the Dispatcher)."""
+    """The dispatcher's side of peer sync: it hears of every OWN cell recorded and of purges."""
 
     def __init__(
         self,
@@ -131,7 +131,7 @@ class PeerSync:
         loop.add_reader(self._sock.fileno(), self._on_readable)
         loop.call_later(self._settings.sync_resend_s, self._resend_recent)
 
-    # LedgerListener -------------------------------------------------------------------------
+    # Told by the dispatcher ------------------------------------------------------------------
 
     def recorded(self, cells: set[tuple[int, int]]) -> None:
         self._last_record = time.monotonic()
