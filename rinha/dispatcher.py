@@ -21,8 +21,8 @@ from collections import deque
 
 import httpx
 import posix_ipc
-from native_ledger._mqueue import receive_into
 
+from native_ledger._mqueue import receive_into
 from rinha import routing, wire
 from rinha.health import HealthPoller, HealthReport
 from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
