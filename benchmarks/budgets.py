@@ -59,6 +59,14 @@ export default function () {
 """
 
 
+def calibration_ms() -> float:
+    """A fixed pure-Python workload, best of 5: how fast this machine is right now. The VM's
+    speed moves by 1.5x over an hour here; compare runs only together with this figure."""
+    import timeit
+
+    return min(timeit.repeat("sorted(str(i) for i in range(20000))", number=10, repeat=5)) * 100
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -191,6 +199,7 @@ def main() -> int:
         result = {
             "conditions": {
                 "nproc": os.cpu_count(), "loadavg": os.getloadavg(), "rate": args.rate,
+                "calibration_ms": round(calibration_ms(), 2),
                 "seconds": args.seconds, "processor_delay_ms": args.delay_ms,
                 "instance_cpus": args.cpus if limited else "unlimited (not root)",
                 "k6_cpu": os.cpu_count() - 1,
@@ -283,7 +292,8 @@ def _report(result: dict) -> None:
     c = result["conditions"]
     print(f"conditions: {c['nproc']} cores, load {c['loadavg'][0]:.2f}, {c['rate']} req/s "
           f"open loop for {c['seconds']} s, default processor delay {c['processor_delay_ms']} "
-          f"ms, instance CPU limit {c['instance_cpus']}, k6 on CPU {c['k6_cpu']}")
+          f"ms, instance CPU limit {c['instance_cpus']}, k6 on CPU {c['k6_cpu']}, machine "
+          f"calibration {c['calibration_ms']} ms (lower is faster)")
     print(f"posted {result['posted']}, recorded {result['recorded']}")
     print(f"dispatcher CPU per payment  {result['dispatcher_cpu_us_per_payment']:8.1f} us "
           "(budget 150)")
