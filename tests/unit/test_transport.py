@@ -354,16 +354,18 @@ def test_failure_after_writing_raises_and_is_not_resent(mode):
     asyncio.run(main())
 
 
-def test_slow_server_read_timeout_closes_the_connection():
-    async def slow_first(req: Req, writer: asyncio.StreamWriter) -> bool:
-        if req.body == b"slow":
-            await asyncio.sleep(0.5)
-        writer.write(response(req.body))
-        await writer.drain()
-        return True
+async def answer_slow_body_late(req: Req, writer: asyncio.StreamWriter) -> bool:
+    """Echoes the body; a body of b"slow" gets its answer only after 0.5 s."""
+    if req.body == b"slow":
+        await asyncio.sleep(0.5)
+    writer.write(response(req.body))
+    await writer.drain()
+    return True
 
+
+def test_slow_server_read_timeout_closes_the_connection():
     async def main():
-        async with Server(slow_first) as server:
+        async with Server(answer_slow_body_late) as server:
             transport = PooledTransport(read_timeout_s=0.15)
             async with httpx.AsyncClient(transport=transport) as client:
                 with pytest.raises(httpx.ReadTimeout):  # the answer would come at 0.5 s
@@ -510,15 +512,8 @@ def test_start_calls_back_with_the_response_and_reuses_the_connection():
 
 
 def test_start_reports_a_timeout_and_a_refusal_as_their_httpx_errors():
-    async def slow(req: Req, writer: asyncio.StreamWriter) -> bool:
-        if req.body == b"slow":
-            await asyncio.sleep(0.5)
-        writer.write(response(req.body))
-        await writer.drain()
-        return True
-
     async def main():
-        async with Server(slow) as server:
+        async with Server(answer_slow_body_late) as server:
             transport = PooledTransport(read_timeout_s=0.15)
             url = httpx.URL(server.url)
             first = await start_and_wait(transport, httpx.Request("POST", url, content=b"fast"))
