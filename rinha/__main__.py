@@ -81,7 +81,7 @@ def serve() -> int:
     log.info("instance %s: %d workers on %s:%d, processors %s and %s", settings.instance_name,
              settings.workers, settings.host, settings.port, *settings.processor_urls)
     try:
-        code = Supervisor(settings, children, resources).run()
+        code = Supervisor(children).run()
     finally:
         drained = resources.is_drained()
         if not drained:

@@ -10,21 +10,12 @@ which add both regions, and the dispatcher's peer sync, which reads the OWN regi
 from __future__ import annotations
 
 import native_ledger
+from native_ledger import DEFAULT, FALLBACK, OWN, PEER
 
-DEFAULT = 0
-FALLBACK = 1
+__all__ = ["DEFAULT", "FALLBACK", "OWN", "PEER", "PROCESSORS", "PROCESSOR_NAMES", "Ledger"]
+
 PROCESSORS = (DEFAULT, FALLBACK)
 PROCESSOR_NAMES = ("default", "fallback")
-OWN = 0
-PEER = 1
-
-COUNT_SHIFT = 40
-CENTS_MASK = (1 << COUNT_SHIFT) - 1
-
-
-def unpack_word(word: int) -> tuple[int, int]:
-    """(count, cents) of a packed ledger cell."""
-    return word >> COUNT_SHIFT, word & CENTS_MASK
 
 
 class Ledger:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT = 0
-FALLBACK = 1
+from rinha.ledger import DEFAULT, FALLBACK
+
+__all__ = ["DEFAULT", "FALLBACK", "MAX_PROBES_IN_FLIGHT", "Circuit", "admits", "choose",
+           "on_failure", "on_health_report", "on_sent", "on_success"]
+
 MAX_PROBES_IN_FLIGHT = 4
 
 

@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rinha.resources import Resources, StartupError
-from rinha.settings import Settings
+from rinha.resources import StartupError
 
 log = logging.getLogger("rinha.supervisor")
 
@@ -51,10 +50,8 @@ class ChildSpec:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, children: list[ChildSpec], resources: Resources):
-        self._settings = settings
+    def __init__(self, children: list[ChildSpec]) -> None:
         self._children = children
-        self._resources = resources
         self._should_exit = False
         self._exit_code = 0
 
