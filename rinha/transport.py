@@ -39,6 +39,7 @@ import httpx
 __all__ = ["PooledTransport"]
 
 _MAX_HEAD_BYTES = 65536
+_READ_BUFFER_BYTES = 65536
 _MAX_ROUTES = 16
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 
@@ -64,11 +65,17 @@ class _MalformedResponse(Exception):
     pass
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive TCP connection that carries one request at a time."""
+class _Connection(asyncio.BufferedProtocol):
+    """One keep-alive TCP connection that carries one request at a time.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    A BufferedProtocol: asyncio reads into `read_buffer` (shared by the pool's connections, as
+    the loop runs one callback at a time). A plain Protocol gets a fresh 256 KiB bytes object
+    per read, which glibc maps and unmaps each time: ~12 us of mmap/mremap/munmap per response.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_buffer: memoryview) -> None:
         self._loop = loop
+        self._read_buffer = read_buffer
         self._transport: asyncio.Transport | None = None
         # True once the peer sent EOF, the socket failed, or we gave the connection up.
         self.closed = False
@@ -109,6 +116,12 @@ class _Connection(asyncio.Protocol):
             ))
         else:
             self._fail(httpx.ReadError(str(exc) or repr(exc), request=self._request))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self._read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self._state == _IDLE:
@@ -349,6 +362,7 @@ class _Pool:
         self._connect_timeout_s = connect_timeout_s
         self.host_line = b"Host: %b\r\n" % netloc
         self._idle: list[_Connection] = []
+        self._read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
         # Futures of callers waiting for a connection. Each is resolved with a connection to
         # use, or with None meaning "a slot is yours, open a connection in it".
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
@@ -432,7 +446,7 @@ class _Pool:
         """Open a connection in a slot the caller already holds."""
         try:
             _, conn = await asyncio.wait_for(
-                self._loop.create_connection(lambda: _Connection(self._loop),
+                self._loop.create_connection(lambda: _Connection(self._loop, self._read_buffer),
                                              self._host, self._port),
                 self._connect_timeout_s,
             )
