@@ -105,6 +105,7 @@ def run_dispatcher(
     settings: Settings, resources: Resources, sync_socket: socket.socket | None
 ) -> None:
     from rinha.dispatcher import Dispatcher
+    from rinha.pacing import paced_event_loop, yield_cpu_to_workers
     from rinha.peers import PeerSync
 
     peer = None
@@ -112,8 +113,12 @@ def run_dispatcher(
         peer = PeerSync(settings, resources.ledger, sync_socket,
                         on_health=lambda *report: dispatcher.on_health_report(*report))
     dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger, peer)
+    if settings.dispatcher_idle_priority:
+        yield_cpu_to_workers()
     try:
-        asyncio.run(dispatcher.run())
+        loop_factory = lambda: paced_event_loop(settings.dispatch_batch_s)  # noqa: E731
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(dispatcher.run())
     except RuntimeError as exc:
         if "Event loop stopped" not in str(exc):
             raise

@@ -85,7 +85,6 @@ class Dispatcher:
         self._token_burst = max(1.0, settings.drain_rate_per_s / 10)
         self._wakeup: asyncio.TimerHandle | None = None
         self._reading_queue = False
-        self._batch_timer: asyncio.TimerHandle | None = None
         self._dirty: set[tuple[int, int]] = set()
         self._stopping = False
         self.crashed = False
@@ -162,7 +161,7 @@ class Dispatcher:
     def _start_reading_queue(self) -> None:
         if not self._reading_queue and not self._stopping:
             assert self._loop is not None
-            self._loop.add_reader(self._queue.mqd, self._on_queue_readable)
+            self._loop.add_reader(self._queue.mqd, self._drain_queue)
             self._reading_queue = True
 
     def _stop_reading_queue(self) -> None:
@@ -171,34 +170,13 @@ class Dispatcher:
             self._loop.remove_reader(self._queue.mqd)
             self._reading_queue = False
 
-    def _on_queue_readable(self) -> None:
-        if self._drain_queue() and self._settings.dispatch_batch_s > 0:
-            # Payments are arriving: rather than a wake-up for each (the costliest part of a
-            # payment on a busy machine), collect them every DISPATCH_BATCH_S while they come.
-            self._stop_reading_queue()
-            self._schedule_batch()
-
-    def _schedule_batch(self) -> None:
-        assert self._loop is not None
-        self._batch_timer = self._loop.call_later(self._settings.dispatch_batch_s,
-                                                  self._on_batch_timer)
-
-    def _on_batch_timer(self) -> None:
-        self._batch_timer = None
-        if self._stopping:
-            return
-        if self._drain_queue():
-            self._schedule_batch()
-        elif self._free_slots:
-            self._start_reading_queue()  # quiet again: sleep until the next payment arrives
-
-    def _drain_queue(self) -> int:
-        """Move every queued record into a slot (the kernel queue is only a short handoff);
-        returns how many payments moved. The kernel copies each record straight into its slot
-        (see staging in holding.py), so a kill at any instant loses nothing."""
+    def _drain_queue(self) -> None:
+        """Move every queued record into a slot (the kernel queue is only a short handoff).
+        The kernel copies each record straight into its slot (see staging in holding.py), so
+        a kill at any instant loses nothing. While payments keep coming, the loop runs this
+        once per DISPATCH_BATCH_S for all of them (pacing.py), not once per payment."""
         now_ms = time.time_ns() // 1_000_000
         table, view, mqd = self._table, self._table.view, self._queue.mqd
-        moved = 0
         while self._free_slots:
             slot = self._free_slots[-1]
             table.stage(slot)
@@ -221,7 +199,6 @@ class Dispatcher:
             table.write(payment)
             table.unstage()
             self._waiting.append(payment)
-            moved += 1
         if not self._free_slots:
             # The table is full: leave the rest in the kernel queue; when that fills too the
             # workers answer 503 (an explicit refusal, invariant 1). A freed slot reads again.
@@ -229,7 +206,6 @@ class Dispatcher:
             log.error("holding table full (%d slots): not reading the queue",
                       self._table.capacity)
         self._pump()
-        return moved
 
     def _on_purge(self) -> None:
         # The worker that took POST /purge-payments purged the ledger itself; the peer must be
@@ -399,7 +375,7 @@ class Dispatcher:
     def _release(self, slot: int) -> None:
         self._table.free(slot)
         self._free_slots.append(slot)
-        if len(self._free_slots) == 1 and not self._reading_queue and self._batch_timer is None:
+        if len(self._free_slots) == 1 and not self._reading_queue:
             self._start_reading_queue()  # the table was full: read the queue again
 
     def _mark_dirty(self, second: int, processor: int) -> None:

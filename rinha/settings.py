@@ -37,6 +37,7 @@ class Settings:
     ledger_seconds: int
     dispatch_concurrency: int
     dispatch_batch_s: float
+    dispatcher_idle_priority: bool
     drain_rate_per_s: int
     fallback_after_s: float
     request_timeout_s: float
@@ -89,7 +90,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         hold_capacity=read("HOLD_CAPACITY", "65536", _int_between(16, 4_194_304)),
         ledger_seconds=read("LEDGER_SECONDS", "131072", _power_of_two_at_least(1024)),
         dispatch_concurrency=read("DISPATCH_CONCURRENCY", "64", _int_between(1, 1024)),
-        dispatch_batch_s=read("DISPATCH_BATCH_S", "0.005", _float_between(0, 1)),
+        dispatch_batch_s=read("DISPATCH_BATCH_S", "0.01", _float_between(0, 1)),
+        dispatcher_idle_priority=read("DISPATCHER_IDLE_PRIORITY", "1", _bool),
         drain_rate_per_s=read("DRAIN_RATE_PER_S", "1200", _int_between(1, 1_000_000)),
         fallback_after_s=read("FALLBACK_AFTER_S", "0", _float_between(0, 86400)),
         request_timeout_s=read("REQUEST_TIMEOUT_S", "10", _float_between(0.05, 600)),

@@ -40,6 +40,7 @@ __all__ = ["PooledTransport"]
 
 _MAX_HEAD_BYTES = 65536
 _READ_BUFFER_BYTES = 65536
+_DEADLINE_SLACK_S = 0.001
 _MAX_ROUTES = 16
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 
@@ -68,21 +69,25 @@ class _MalformedResponse(Exception):
 class _Connection(asyncio.BufferedProtocol):
     """One keep-alive TCP connection that carries one request at a time.
 
-    A BufferedProtocol: asyncio reads into `read_buffer` (shared by the pool's connections, as
-    the loop runs one callback at a time). A plain Protocol gets a fresh 256 KiB bytes object
+    A BufferedProtocol: asyncio reads into the pool's `read_buffer` (shared by its connections,
+    as the loop runs one callback at a time). A plain Protocol gets a fresh 256 KiB bytes object
     per read, which glibc maps and unmaps each time: ~12 us of mmap/mremap/munmap per response.
+    The read timeout is the pool's too: `deadline` is checked by one sweep per pool, not by a
+    timer per request (a TimerHandle, a heap push and a cancel cost ~4 us a request).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_buffer: memoryview) -> None:
-        self._loop = loop
-        self._read_buffer = read_buffer
+    def __init__(self, pool: _Pool) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self._read_buffer = pool.read_buffer
+        # loop.time() by which the response must be complete; None while no request is out.
+        self.deadline: float | None = None
         self._transport: asyncio.Transport | None = None
         # True once the peer sent EOF, the socket failed, or we gave the connection up.
         self.closed = False
         self._waiter: asyncio.Future | None = None
         self._on_reply: Callable[[RawReply | httpx.TransportError], None] | None = None
         self._request: httpx.Request | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._state = _IDLE
         self._no_body = False
         self._pending = b""
@@ -154,7 +159,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._request = request
         self._state = _HEAD
         self._no_body = request.method == "HEAD"
-        self._timer = self._loop.call_later(read_timeout_s, self._on_read_timeout)
+        self.deadline = self._loop.time() + read_timeout_s
+        self._pool.watch_deadline(self.deadline)
         self._transport.write(data)  # type: ignore[union-attr]
 
     def abort(self) -> None:
@@ -164,8 +170,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     # Internals
 
-    def _on_read_timeout(self) -> None:
-        self._timer = None
+    def on_read_timeout(self) -> None:
         self._fail(httpx.ReadTimeout("timed out waiting for the response", request=self._request))
 
     def _fail(self, exc: httpx.TransportError) -> None:
@@ -189,9 +194,7 @@ class _Connection(asyncio.BufferedProtocol):
             waiter.set_result(result)
 
     def _reset(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = None
         self._waiter = None
         self._on_reply = None
         self._request = None
@@ -362,7 +365,9 @@ class _Pool:
         self._connect_timeout_s = connect_timeout_s
         self.host_line = b"Host: %b\r\n" % netloc
         self._idle: list[_Connection] = []
-        self._read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
+        self.loop = loop
+        self.read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
+        self._sweep: asyncio.TimerHandle | None = None
         # Futures of callers waiting for a connection. Each is resolved with a connection to
         # use, or with None meaning "a slot is yours, open a connection in it".
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
@@ -431,8 +436,34 @@ class _Pool:
         self._forget(conn)
         self._free_slot()
 
+    def watch_deadline(self, deadline: float) -> None:
+        """A request went out: make sure a sweep is due by its deadline."""
+        if self._sweep is None:
+            self._sweep = self._loop.call_at(deadline, self._expire_overdue)
+
+    def _expire_overdue(self) -> None:
+        """Fail the requests past their deadline; come back at the earliest one left. With
+        steady traffic this runs about once per read timeout, whatever the request rate."""
+        self._sweep = None
+        # A deadline this close counts as reached: the loop may run a timer a hair early.
+        now = self._loop.time() + _DEADLINE_SLACK_S
+        next_due: float | None = None
+        for conn in list(self._all):  # a failed request discards its connection from _all
+            due = conn.deadline
+            if due is None:
+                continue
+            if due <= now:
+                conn.on_read_timeout()
+            elif next_due is None or due < next_due:
+                next_due = due
+        if next_due is not None and not self._closed:
+            self._sweep = self._loop.call_at(next_due, self._expire_overdue)
+
     def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self._all):
             conn.abort()
         self._all.clear()
@@ -446,7 +477,7 @@ class _Pool:
         """Open a connection in a slot the caller already holds."""
         try:
             _, conn = await asyncio.wait_for(
-                self._loop.create_connection(lambda: _Connection(self._loop, self._read_buffer),
+                self._loop.create_connection(lambda: _Connection(self),
                                              self._host, self._port),
                 self._connect_timeout_s,
             )
@@ -576,25 +607,28 @@ class PooledTransport(httpx.AsyncBaseTransport):
             pool, request_line = route[2], route[3]
         else:
             pool, request_line = self._route(url, method)
-        try:
-            body = request.content
-        except httpx.RequestNotRead:
-            body = request.read()  # an in-memory stream (httpx.ByteStream) reads in place
-        extra = b""
-        raw_headers = request.headers.raw
-        # httpx.Request puts the Host header it adds first; look further only if it is not there.
-        if not raw_headers or (raw_headers[0][0].lower() != b"host"
-                               and all(name.lower() != b"host" for name, _ in raw_headers)):
-            extra += pool.host_line
-        headers = request.headers
-        if "transfer-encoding" in headers:  # a streamed body, read by now: one chunk
-            body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
-        elif body and "content-length" not in headers:
-            extra += b"Content-Length: %d\r\n" % len(body)
+        stream = request.stream
+        if type(stream) is httpx.ByteStream:
+            body = b"".join(stream)  # in memory: iterating yields its bytes, no exception path
+        else:
+            body = request.content  # read by now (handle_async_request awaits aread first)
         parts = [request_line]
-        for name, value in raw_headers:
+        has_host = has_length = chunked = False
+        for name, value in request.headers.raw:
             parts += (name, b": ", value, b"\r\n")
-        parts.append(extra)
+            lname = name.lower()
+            if lname == b"host":
+                has_host = True
+            elif lname == b"content-length":
+                has_length = True
+            elif lname == b"transfer-encoding":
+                chunked = True
+        if not has_host:
+            parts.append(pool.host_line)
+        if chunked:  # a streamed body, read by now: one chunk
+            body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+        elif body and not has_length:
+            parts.append(b"Content-Length: %d\r\n" % len(body))
         parts.append(b"\r\n")
         parts.append(body)
         return pool, b"".join(parts)

@@ -378,6 +378,29 @@ def test_slow_server_read_timeout_closes_the_connection():
     asyncio.run(main())
 
 
+def test_read_timeouts_of_overlapping_requests_each_fire_and_only_theirs():
+    """One deadline sweep serves every connection: it must come back for a later deadline
+    after an earlier request finished, and must not fail a request that answered in time."""
+    async def main():
+        async with Server(answer_slow_body_late) as server:
+            transport = PooledTransport(read_timeout_s=0.2)
+            fast = asyncio.ensure_future(transport.handle_async_request(
+                httpx.Request("POST", server.url, content=b"fast")))
+            await asyncio.sleep(0.1)  # the sweep is due at the fast request's deadline
+            slow = asyncio.ensure_future(transport.handle_async_request(
+                httpx.Request("POST", server.url, content=b"slow")))
+            answered = await fast
+            assert answered.status_code == 200  # answered in time: untouched by the sweep
+            with pytest.raises(httpx.ReadTimeout):  # its answer would come at 0.5 s
+                await slow
+            again = await transport.handle_async_request(
+                httpx.Request("POST", server.url, content=b"fast"))
+            assert again.status_code == 200
+            await transport.aclose()
+
+    asyncio.run(main())
+
+
 def test_refused_port_is_connect_error():
     async def main():
         transport = PooledTransport()

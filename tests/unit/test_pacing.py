@@ -1,0 +1,102 @@
+"""pacing: a paced loop takes events together, never delays a timer, idles in epoll; the
+dispatcher's priority drop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from rinha.pacing import paced_event_loop
+
+
+def count_wakeups(min_interval_s: float, events: int, spacing_s: float) -> tuple[int, int]:
+    """Another thread writes `events` bytes `spacing_s` apart into a socket the loop reads;
+    return how many read callbacks ran and how many bytes they got. The loop has no timer of
+    its own meanwhile: only the bytes wake it."""
+    loop = paced_event_loop(min_interval_s)
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    all_in = loop.create_future()
+    callbacks = 0
+    received = 0
+
+    def on_readable() -> None:
+        nonlocal callbacks, received
+        callbacks += 1
+        received += len(reader.recv(4096))
+        if received >= events and not all_in.done():
+            all_in.set_result(None)
+
+    def write_spaced() -> None:
+        for _ in range(events):
+            writer.send(b"x")
+            time.sleep(spacing_s)
+
+    loop.add_reader(reader.fileno(), on_readable)
+    sender = threading.Thread(target=write_spaced)
+    sender.start()
+    try:
+        loop.run_until_complete(asyncio.wait_for(all_in, 10))
+    finally:
+        sender.join()
+        loop.close()
+        reader.close()
+        writer.close()
+    return callbacks, received
+
+
+def test_events_arriving_within_the_interval_are_taken_together():
+    # 20 events over ~0.4 s; a loop that wakes at most every 0.2 s reads them in a few calls.
+    callbacks, received = count_wakeups(0.2, events=20, spacing_s=0.02)
+    assert received == 20
+    assert callbacks <= 5  # 0.4 s / 0.2 s, plus the first event and the last partial interval
+
+
+def test_zero_interval_wakes_for_each_event():
+    callbacks, received = count_wakeups(0, events=10, spacing_s=0.02)
+    assert received == 10
+    assert callbacks >= 8  # each byte arrives alone (a busy machine may merge a couple)
+
+
+def test_a_timer_due_before_the_pause_ends_is_not_delayed():
+    loop = paced_event_loop(1.0)
+
+    async def main() -> float:
+        await asyncio.sleep(0)  # one wake-up: the next wait would pause until 1 s after it
+        started = time.monotonic()
+        await asyncio.sleep(0.05)
+        return time.monotonic() - started
+
+    try:
+        slept = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert slept < 0.5  # fired at its due time, not at the end of the 1 s interval
+
+
+def test_an_idle_paced_loop_sleeps_instead_of_spinning():
+    loop = paced_event_loop(0.01)
+    reader, writer = socket.socketpair()
+    loop.add_reader(reader.fileno(), lambda: None)
+    cpu_before = time.process_time()
+    try:
+        loop.run_until_complete(asyncio.sleep(0.5))
+    finally:
+        loop.close()
+        reader.close()
+        writer.close()
+    assert time.process_time() - cpu_before < 0.1  # a spinning loop would burn ~0.5 s
+
+
+def test_the_dispatcher_priority_drop_is_sched_idle():
+    # In a child process: the test runner itself must keep its priority.
+    code = ("import os; from rinha.pacing import yield_cpu_to_workers; yield_cpu_to_workers(); "
+            "print(os.sched_getscheduler(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=30)
+    assert int(out.stdout) == os.SCHED_IDLE
