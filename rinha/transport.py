@@ -3,18 +3,20 @@
 The dispatcher forwards every payment to a payment processor through httpx (a product-owner
 requirement), but httpx's default transport (httpcore's pool on anyio) is far too expensive for
 a budget of 150 us CPU per payment for the whole dispatcher. This module keeps httpx's API
-(`httpx.Request` in, `httpx.Response` out) and speaks HTTP/1.1 itself on an `asyncio.Protocol`.
+(`httpx.Request` in, `httpx.Response` out) and speaks HTTP/1.1 itself on an asyncio
+BufferedProtocol.
 
-`python benchmarks/transports.py` (open loop, 550 req/s, server delay 90 ms so ~50 requests in
-flight, client pinned to one core; CPU per request, median of 3 runs; the driver alone costs
-84 us per request on this VM: each wake-up from idle costs ~20 us and runs Python on cold
-caches):
+`python benchmarks/transports.py --repeat 3` (open loop, 550 req/s, server delay 90 ms so ~50
+requests in flight, client pinned to one core; CPU per request, median of 3 runs; the driver
+alone costs 84-114 us per request on this VM: each wake-up from idle costs ~20 us and runs
+Python on cold caches):
 - httpx default: cannot keep up; 100 % of the core, 26-36 req/s served, the backlog grows without
   bound (at 150 req/s it holds on at 2.2 ms per request). sniffio made no measurable difference.
-- httpx + httpx-aiohttp: 591 us.
-- httpx.AsyncClient(transport=PooledTransport()): 387 us.
+- httpx + httpx-aiohttp: 619 us (net of the driver: 524).
+- httpx.AsyncClient(transport=PooledTransport()): 413 us (318).
 - PooledTransport.handle_async_request(httpx.Request(...)) with a prebuilt URL and Headers:
-  224 us, of which ~10 us (hot) is building the httpx.Request and ~10 us the httpx.Response.
+  179 us (85), of which ~2 us (hot) is building the httpx.Request and ~2 us the httpx.Response.
+  Before reading into a reused buffer and sweeping deadlines per pool: 224 us.
 
 Outcome classes, so the caller can decide what to retry (a POST may or may not have been
 applied once its bytes left):
