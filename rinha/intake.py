@@ -6,7 +6,8 @@ them before forking. A worker never calls a processor (DESIGN.md invariant 1): a
 validated, written to the POSIX queue as a 24-byte record and answered 202 at once.
 
 Handlers are synchronous and the loop is uv_run, not socketify's app.run(): app.run() busy-polls
-a core and async handlers crashed under load (FINDINGS.md, socketify).
+a core and async handlers crashed under load (FINDINGS.md, socketify). The POST routes, which
+read a body, run on uWS's C API through body_route.py; the GET routes use socketify's app.get.
 """
 
 from __future__ import annotations
@@ -108,19 +109,22 @@ class Intake:
         self._settings = settings
         self._queue = queue
         self._ledger = ledger
-        # A response object is referenced only by a cffi handle to itself: unless we hold it
-        # until its last body chunk, GC may collect it mid-request and abort the process
-        # (FINDINGS.md, socketify).
-        self._in_progress: dict[int, _BodyReader] = {}
+        self._routes: list[Any] = []  # the BodyRoutes: alive as long as the app serves
 
     def serve(self) -> None:
         """Listen and run uv's blocking loop until the process is killed."""
         from socketify import App, AppListenOptions
 
+        from rinha.body_route import BodyRoute
+
         app = App()
-        app.post("/payments", self._post_payment)
+        # The two POST routes read a body: on uWS's C API (body_route.py), not app.post.
+        self._routes = [
+            BodyRoute(app, "/payments", self._accept_payment, MAX_BODY_BYTES),
+            BodyRoute(app, "/purge-payments", self._purge, MAX_BODY_BYTES,
+                      header=b"x-rinha-token"),
+        ]
         app.get("/payments-summary", self._get_summary)
-        app.post("/purge-payments", self._post_purge)
         app.any("/payments", _method_not_allowed)
         app.any("/payments-summary", _method_not_allowed)
         app.any("/purge-payments", _method_not_allowed)
@@ -137,25 +141,17 @@ class Intake:
 
     # POST /payments ----------------------------------------------------------------------
 
-    def _post_payment(self, res: Any, req: Any) -> None:
-        reader = _BodyReader(res, self._in_progress, self._accept_payment)
-        self._in_progress[id(res)] = reader
-        res.on_aborted(reader.aborted)
-        res.on_data(reader.chunk)
-
-    def _accept_payment(self, res: Any, body: bytes) -> None:
+    def _accept_payment(self, body: bytes, _header: bytes | None) -> tuple[int, bytes]:
         try:
             raw_id, cents = parse_payment(body)
         except BadRequest as exc:
-            _reply_error(res, exc.status, str(exc))
-            return
+            return exc.status, _error_json(str(exc))
         try:
             self._queue.send(wire.encode_payment(raw_id, cents), timeout=0)
         except posix_ipc.BusyError:
             # An explicit refusal, never a silent drop (invariant 1).
-            _reply_error(res, 503, "queue full, retry later")
-            return
-        res.write_status(202).end(b"")
+            return 503, _error_json("queue full, retry later")
+        return 202, b""
 
     # GET /payments-summary ---------------------------------------------------------------
 
@@ -170,64 +166,24 @@ class Intake:
 
     # POST /purge-payments ----------------------------------------------------------------
 
-    def _post_purge(self, res: Any, req: Any) -> None:
-        token = self._settings.admin_token
-        if token is not None and req.get_header("x-rinha-token") != token:
-            _reply_error(res, 401, "X-Rinha-Token required")
-            return
-        reader = _BodyReader(res, self._in_progress, self._purge)
-        self._in_progress[id(res)] = reader
-        res.on_aborted(reader.aborted)
-        res.on_data(reader.chunk)
-
-    def _purge(self, res: Any, body: bytes) -> None:
+    def _purge(self, body: bytes, token: bytes | None) -> tuple[int, bytes]:
+        expected = self._settings.admin_token
+        if expected is not None and token != expected.encode():
+            return 401, _error_json("X-Rinha-Token required")
         self._ledger.purge()
         try:
             self._queue.send(wire.encode_payment(bytes(16), PURGE_CENTS), timeout=0)
         except posix_ipc.BusyError:
-            _reply_error(res, 503, "queue full, the peer was not told; retry")
-            return
-        res.write_status(200).write_header(b"Content-Type", _JSON).end(b'{"message":"purged"}')
+            return 503, _error_json("queue full, the peer was not told; retry")
+        return 200, b'{"message":"purged"}'
 
 
-class _BodyReader:
-    """Collects a request body chunk by chunk, then hands it to `complete` once."""
-
-    __slots__ = ("_res", "_registry", "_complete", "_chunks", "_size", "_done")
-
-    def __init__(self, res: Any, registry: dict[int, _BodyReader], complete: Any) -> None:
-        self._res = res
-        self._registry = registry
-        self._complete = complete
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._done = False
-
-    def chunk(self, res: Any, data: bytes | None, is_last: bool) -> None:
-        if self._done:
-            return
-        if data:
-            self._size += len(data)
-            if self._size > MAX_BODY_BYTES:
-                self._finish()
-                _reply_error(res, 413, f"body over {MAX_BODY_BYTES} bytes", close=True)
-                return
-            self._chunks.append(data)
-        if is_last:
-            self._finish()
-            self._complete(res, b"".join(self._chunks))
-
-    def aborted(self, res: Any) -> None:
-        self._finish()
-
-    def _finish(self) -> None:
-        self._done = True
-        self._registry.pop(id(self._res), None)
+def _error_json(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
 
 
-def _reply_error(res: Any, status: int, message: str, close: bool = False) -> None:
-    body = json.dumps({"error": message}).encode()
-    res.write_status(status).write_header(b"Content-Type", _JSON).end(body, close)
+def _reply_error(res: Any, status: int, message: str) -> None:
+    res.write_status(status).write_header(b"Content-Type", _JSON).end(_error_json(message))
 
 
 def _not_found(res: Any, req: Any) -> None:
