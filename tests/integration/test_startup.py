@@ -90,3 +90,16 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return "zombie"
+
+
+@pytest.mark.parametrize(("setting", "policy"), [("1", os.SCHED_IDLE), ("0", os.SCHED_OTHER)])
+def test_the_dispatcher_runs_at_the_configured_priority_and_workers_at_normal(
+    start_instance, setting, policy
+):
+    instance = start_instance(DISPATCHER_IDLE_PRIORITY=setting)
+    [dispatcher] = instance.child_pids("dispatch")
+    assert os.sched_getscheduler(dispatcher) == policy
+    for worker in instance.child_pids("worker"):
+        assert os.sched_getscheduler(worker) == os.SCHED_OTHER
+    assert post_payments(instance.url, 5) == [202] * 5  # and it dispatches
+    wait_until(lambda: instance.summary()["default"]["totalRequests"] == 5)
