@@ -6,7 +6,8 @@ Starts two processor emulators (the default one answering after --delay-ms, so a
 rate * delay requests are in flight), one `rinha serve` with one worker, inside a cgroup of
 --cpus CPU when root, and drives POST /payments straight at the worker with k6's
 constant-arrival-rate executor (open loop: a request every 1/rate s whatever the latencies).
-k6, tcpdump and the emulators are pinned to the last CPU; the instance may use any.
+k6, tcpdump and the emulators are pinned to the last CPU, the instance to the others
+(--float-instance: any CPU; then its p99 also shows how often it lands behind the harness).
 Reports:
   - dispatcher CPU per payment (budget 150 us), from /proc/PID/schedstat, over the run;
   - worker CPU per request and k6's latency percentiles of POST /payments (budget: p99 <= 1 ms;
@@ -123,6 +124,9 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=int, default=90)
     parser.add_argument("--cpus", type=float, default=0.5)
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--float-instance", action="store_true",
+                        help="let the instance run on any CPU, the harness's too (default: "
+                             "the instance on the CPUs the harness does not use)")
     args = parser.parse_args()
 
     run_dir = Path(tempfile.mkdtemp(prefix="rinha-budgets-"))
@@ -155,8 +159,15 @@ def main() -> int:
                "PORT": str(ports[2]), "WORKERS": "1", "HEALTH_POLL": "0",
                "PROCESSOR_DEFAULT_URL": f"http://127.0.0.1:{ports[0]}",
                "PROCESSOR_FALLBACK_URL": f"http://127.0.0.1:{ports[1]}"}
-        serve = start("serve", [sys.executable, "-m", "rinha", "serve"], env,
-                      cgroups.joiner(group) if limited else None)
+        enter_group = cgroups.joiner(group) if limited else os.setsid
+        instance_cpus = set(range(os.cpu_count() or 1)) - {HARNESS_CPU} or {HARNESS_CPU}
+
+        def start_instance() -> None:
+            enter_group()
+            if not args.float_instance:
+                os.sched_setaffinity(0, instance_cpus)
+
+        serve = start("serve", [sys.executable, "-m", "rinha", "serve"], env, start_instance)
         wait_port(ports[2])
         time.sleep(1)
         roles = children_by_name(serve.pid)
@@ -209,6 +220,7 @@ def main() -> int:
                 "seconds": args.seconds, "processor_delay_ms": args.delay_ms,
                 "instance_cpus": args.cpus if limited else "unlimited (not root)",
                 "harness_cpu": HARNESS_CPU,
+                "instance_on": "any" if args.float_instance else sorted(instance_cpus),
             },
             "posted": posted,
             "recorded": recorded,
@@ -307,8 +319,8 @@ def _report(result: dict) -> None:
     c = result["conditions"]
     print(f"conditions: {c['nproc']} cores, load {c['loadavg'][0]:.2f}, {c['rate']} req/s "
           f"open loop for {c['seconds']} s, default processor delay {c['processor_delay_ms']} "
-          f"ms, instance CPU limit {c['instance_cpus']}, k6, tcpdump and the emulators on CPU "
-          f"{c['harness_cpu']}, machine "
+          f"ms, instance CPU limit {c['instance_cpus']} on CPUs {c['instance_on']}, k6, "
+          f"tcpdump and the emulators on CPU {c['harness_cpu']}, machine "
           f"calibration {c['calibration_ms']} ms (lower is faster)")
     print(f"posted {result['posted']}, recorded {result['recorded']}")
     print(f"dispatcher CPU per payment  {result['dispatcher_cpu_us_per_payment']:8.1f} us "
