@@ -43,7 +43,6 @@ __all__ = ["PooledTransport"]
 _MAX_HEAD_BYTES = 65536
 _READ_BUFFER_BYTES = 65536
 _DEADLINE_SLACK_S = 0.001
-_MAX_ROUTES = 16
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 # Parser states of a connection.
@@ -538,7 +537,6 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._pools: dict[tuple[bytes, bytes, int | None], _Pool] = {}
-        self._routes: dict[int, tuple[httpx.URL, str, _Pool, bytes]] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
@@ -602,13 +600,11 @@ class PooledTransport(httpx.AsyncBaseTransport):
     def _encode(self, request: httpx.Request) -> tuple[_Pool, bytes]:
         """The pool for the request's origin and the request's bytes (body in memory)."""
         url = request.url
-        method = request.method
-        route = self._routes.get(id(url))
-        if route is not None and route[0] is url and route[1] == method:
-            # The caller reuses its URL objects (the dispatcher does): skip re-encoding them.
-            pool, request_line = route[2], route[3]
-        else:
-            pool, request_line = self._route(url, method)
+        pool = self._pools.get((url.raw_scheme, url.raw_host, url.port))
+        if pool is None:
+            pool = self._new_pool(url)
+        # No cache keyed by the URL object: httpx.Request wraps even a reused URL in a new one.
+        request_line = b"%b %b HTTP/1.1\r\n" % (request.method.encode("ascii"), url.raw_path)
         stream = request.stream
         if type(stream) is httpx.ByteStream:
             body = b"".join(stream)  # in memory: iterating yields its bytes, no exception path
@@ -639,27 +635,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-        self._routes.clear()
 
-    def _route(self, url: httpx.URL, method: str) -> tuple[_Pool, bytes]:
-        """Find (or create) the pool for a URL and encode its request line."""
-        key = (url.raw_scheme, url.raw_host, url.port)
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = self._new_pool(url, key)
-        request_line = b"%b %b HTTP/1.1\r\n" % (method.encode("ascii"), url.raw_path)
-        if len(self._routes) >= _MAX_ROUTES:
-            self._routes.clear()  # a caller building a new URL per request: keep it bounded
-        # Holding `url` keeps its id from being reused while the cache refers to it.
-        self._routes[id(url)] = (url, method, pool, request_line)
-        return pool, request_line
-
-    def _new_pool(self, url: httpx.URL, key: tuple[bytes, bytes, int | None]) -> _Pool:
+    def _new_pool(self, url: httpx.URL) -> _Pool:
         if url.scheme != "http":
             raise httpx.UnsupportedProtocol(f"only plain http is supported, not {url.scheme!r}")
         if not url.host:
             raise httpx.UnsupportedProtocol(f"no host in URL {url}")
         pool = _Pool(asyncio.get_running_loop(), url.host, url.port or 80, url.netloc,
                      self._max_connections, self._connect_timeout_s)
-        self._pools[key] = pool
+        self._pools[(url.raw_scheme, url.raw_host, url.port)] = pool
         return pool
