@@ -161,11 +161,23 @@ def test_sigkilled_instance_restarts_without_losing_or_doubling_a_count(
         # A new container has lost the requests that were on the wire when it died: the
         # processors may have stored them, nobody can count them. Everything recorded is
         # back, nothing is counted twice, and both instances agree.
-        wait_until(lambda: backend_totals(pair[0]) == backend_totals(second), 10)
+        # Wait until nothing moves any more: the dispatchers take their replies in batches, so
+        # the two instances can agree for a moment while the last payments are still out.
+        last_seen: list[int] = []
+
+        def settled() -> bool:
+            last_seen.append(processor_totals(default)[0])
+            return (len(last_seen) > 1 and last_seen[-1] == last_seen[-2]
+                    and backend_totals(pair[0]) == backend_totals(second))
+
+        wait_until(settled, 20, interval=0.5)
         processed = processor_totals(default)[0]
         reported = backend_totals(second)["default"][0]
-        in_flight_limit = int(load_settings(first.env).dispatch_concurrency)
-        assert 0 <= processed - reported <= in_flight_limit
+        # Unknowable: the requests on the wire (at most DISPATCH_CONCURRENCY) and the payments
+        # recorded in the loop turn the kill interrupted, before that turn's one push to the
+        # peer (their requests were on the wire when the turn began: at most as many again).
+        concurrency = int(load_settings(first.env).dispatch_concurrency)
+        assert 0 <= processed - reported <= 2 * concurrency
     assert processor_totals(fallback) == (0, "0.00")
 
 
