@@ -104,6 +104,7 @@ def run_worker(settings: Settings, resources: Resources) -> None:
 def run_dispatcher(
     settings: Settings, resources: Resources, sync_socket: socket.socket | None
 ) -> None:
+    from rinha import cgroups
     from rinha.dispatcher import Dispatcher
     from rinha.pacing import paced_event_loop, yield_cpu_to_workers
     from rinha.peers import PeerSync
@@ -113,7 +114,10 @@ def run_dispatcher(
         peer = PeerSync(settings, resources.ledger, sync_socket,
                         on_health=lambda *report: dispatcher.on_health_report(*report))
     dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger, peer)
-    if settings.dispatcher_idle_priority:
+    idle = settings.dispatcher_idle_priority
+    if idle is None:
+        idle = cgroups.under_cpu_quota()
+    if idle:
         yield_cpu_to_workers()
     try:
         loop_factory = lambda: paced_event_loop(settings.dispatch_batch_s)  # noqa: E731

@@ -37,7 +37,7 @@ class Settings:
     ledger_seconds: int
     dispatch_concurrency: int
     dispatch_batch_s: float
-    dispatcher_idle_priority: bool
+    dispatcher_idle_priority: bool | None  # None: auto (idle when under a CPU quota)
     drain_rate_per_s: int
     fallback_after_s: float
     request_timeout_s: float
@@ -91,7 +91,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         ledger_seconds=read("LEDGER_SECONDS", "131072", _power_of_two_at_least(1024)),
         dispatch_concurrency=read("DISPATCH_CONCURRENCY", "64", _int_between(1, 1024)),
         dispatch_batch_s=read("DISPATCH_BATCH_S", "0.01", _float_between(0, 1)),
-        dispatcher_idle_priority=read("DISPATCHER_IDLE_PRIORITY", "1", _bool),
+        dispatcher_idle_priority=read("DISPATCHER_IDLE_PRIORITY", "auto", _bool_or_auto),
         drain_rate_per_s=read("DRAIN_RATE_PER_S", "1200", _int_between(1, 1_000_000)),
         fallback_after_s=read("FALLBACK_AFTER_S", "0", _float_between(0, 86400)),
         request_timeout_s=read("REQUEST_TIMEOUT_S", "10", _float_between(0.05, 600)),
@@ -171,6 +171,15 @@ def _bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("use 1/0, true/false, yes/no or on/off")
+
+
+def _bool_or_auto(raw: str) -> bool | None:
+    if raw.lower() == "auto":
+        return None
+    try:
+        return _bool(raw)
+    except ValueError:
+        raise ValueError("use auto, or 1/0, true/false, yes/no, on/off") from None
 
 
 def _http_url(raw: str) -> str:

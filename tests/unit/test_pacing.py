@@ -1,5 +1,5 @@
 """pacing: a paced loop takes events together, never delays a timer, idles in epoll; the
-dispatcher's priority drop."""
+dispatcher's priority drop, and when `auto` applies it (under a CPU quota)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+import pytest
+
+from rinha import cgroups
+from rinha.cgroups import under_cpu_quota
 from rinha.pacing import paced_event_loop
 
 
@@ -104,3 +109,62 @@ def test_the_dispatcher_priority_drop_is_sched_idle():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=30)
     assert int(out.stdout) == os.SCHED_IDLE
+
+
+# cgroups.under_cpu_quota decides DISPATCHER_IDLE_PRIORITY=auto: a fake cgroup tree each.
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+V1_SELF = "4:memory:/box\n1:cpu:/box/api1\n0::/\n"
+
+
+def test_v1_quota_on_the_own_group(tmp_path: Path) -> None:
+    write(tmp_path / "cpu/box/api1/cpu.cfs_quota_us", "65000\n")
+    assert under_cpu_quota(tmp_path, V1_SELF)
+
+
+def test_v1_quota_on_a_parent_group(tmp_path: Path) -> None:
+    write(tmp_path / "cpu/box/api1/cpu.cfs_quota_us", "-1\n")
+    write(tmp_path / "cpu/box/cpu.cfs_quota_us", "150000\n")
+    assert under_cpu_quota(tmp_path, V1_SELF)
+
+
+def test_v1_without_a_quota_anywhere(tmp_path: Path) -> None:
+    for group in ("cpu", "cpu/box", "cpu/box/api1"):
+        write(tmp_path / group / "cpu.cfs_quota_us", "-1\n")
+    assert not under_cpu_quota(tmp_path, V1_SELF)
+
+
+def test_v1_combined_cpu_cpuacct_mount(tmp_path: Path) -> None:
+    write(tmp_path / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "65000\n")
+    assert under_cpu_quota(tmp_path, "3:cpu,cpuacct:/docker/abc\n")
+
+
+def test_v2_container_with_and_without_cpus(tmp_path: Path) -> None:
+    write(tmp_path / "cpu.max", "65000 100000\n")  # cgroup namespace: the container is "/"
+    assert under_cpu_quota(tmp_path, "0::/\n")
+    write(tmp_path / "cpu.max", "max 100000\n")
+    assert not under_cpu_quota(tmp_path, "0::/\n")
+
+
+def test_no_cpu_controller_files_means_no_quota(tmp_path: Path) -> None:
+    assert not under_cpu_quota(tmp_path, V1_SELF)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/sys/fs/cgroup/cpu").is_dir(),
+                    reason="needs root and the cgroup v1 cpu controller")
+def test_a_process_in_a_real_quota_group_sees_it() -> None:
+    parent = f"rinha-test-{os.getpid()}"
+    group = cgroups.make(parent, "limited", 0.5, None)
+    code = "from rinha import cgroups; print(cgroups.under_cpu_quota())"
+    try:
+        inside = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True, timeout=30, preexec_fn=cgroups.joiner(group))
+        outside = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True, timeout=30)
+    finally:
+        cgroups.remove(parent, [group])
+    assert (inside.stdout.strip(), outside.stdout.strip()) == ("True", "False")
