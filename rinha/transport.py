@@ -359,14 +359,13 @@ class _Pool:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, netloc: bytes,
                  limit: int, connect_timeout_s: float) -> None:
-        self._loop = loop
+        self.loop = loop
         self._host = host
         self._port = port
         self._limit = limit
         self._connect_timeout_s = connect_timeout_s
         self.host_line = b"Host: %b\r\n" % netloc
         self._idle: list[_Connection] = []
-        self.loop = loop
         self.read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
         self._sweep: asyncio.TimerHandle | None = None
         # Futures of callers waiting for a connection. Each is resolved with a connection to
@@ -398,7 +397,7 @@ class _Pool:
             self._size += 1
             return await self._open()
 
-        waiter = self._loop.create_future()
+        waiter = self.loop.create_future()
         self._waiters.append(waiter)
         try:
             conn = await waiter
@@ -440,14 +439,14 @@ class _Pool:
     def watch_deadline(self, deadline: float) -> None:
         """A request went out: make sure a sweep is due by its deadline."""
         if self._sweep is None:
-            self._sweep = self._loop.call_at(deadline, self._expire_overdue)
+            self._sweep = self.loop.call_at(deadline, self._expire_overdue)
 
     def _expire_overdue(self) -> None:
         """Fail the requests past their deadline; come back at the earliest one left. With
         steady traffic this runs about once per read timeout, whatever the request rate."""
         self._sweep = None
         # A deadline this close counts as reached: the loop may run a timer a hair early.
-        now = self._loop.time() + _DEADLINE_SLACK_S
+        now = self.loop.time() + _DEADLINE_SLACK_S
         next_due: float | None = None
         for conn in list(self._all):  # a failed request discards its connection from _all
             due = conn.deadline
@@ -458,7 +457,7 @@ class _Pool:
             elif next_due is None or due < next_due:
                 next_due = due
         if next_due is not None and not self._closed:
-            self._sweep = self._loop.call_at(next_due, self._expire_overdue)
+            self._sweep = self.loop.call_at(next_due, self._expire_overdue)
 
     def close(self) -> None:
         self._closed = True
@@ -478,7 +477,7 @@ class _Pool:
         """Open a connection in a slot the caller already holds."""
         try:
             _, conn = await asyncio.wait_for(
-                self._loop.create_connection(lambda: _Connection(self),
+                self.loop.create_connection(lambda: _Connection(self),
                                              self._host, self._port),
                 self._connect_timeout_s,
             )
@@ -600,9 +599,10 @@ class PooledTransport(httpx.AsyncBaseTransport):
     def _encode(self, request: httpx.Request) -> tuple[_Pool, bytes]:
         """The pool for the request's origin and the request's bytes (body in memory)."""
         url = request.url
-        pool = self._pools.get((url.raw_scheme, url.raw_host, url.port))
+        origin = (url.raw_scheme, url.raw_host, url.port)
+        pool = self._pools.get(origin)
         if pool is None:
-            pool = self._new_pool(url)
+            pool = self._new_pool(url, origin)
         # No cache keyed by the URL object: httpx.Request wraps even a reused URL in a new one.
         request_line = b"%b %b HTTP/1.1\r\n" % (request.method.encode("ascii"), url.raw_path)
         stream = request.stream
@@ -636,12 +636,12 @@ class PooledTransport(httpx.AsyncBaseTransport):
             pool.close()
         self._pools.clear()
 
-    def _new_pool(self, url: httpx.URL) -> _Pool:
+    def _new_pool(self, url: httpx.URL, origin: tuple[bytes, bytes, int | None]) -> _Pool:
         if url.scheme != "http":
             raise httpx.UnsupportedProtocol(f"only plain http is supported, not {url.scheme!r}")
         if not url.host:
             raise httpx.UnsupportedProtocol(f"no host in URL {url}")
         pool = _Pool(asyncio.get_running_loop(), url.host, url.port or 80, url.netloc,
                      self._max_connections, self._connect_timeout_s)
-        self._pools[(url.raw_scheme, url.raw_host, url.port)] = pool
+        self._pools[origin] = pool
         return pool
