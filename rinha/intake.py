@@ -89,16 +89,18 @@ def summary_json(totals: tuple[int, int, int, int]) -> bytes:
 
 def summary_window(from_text: str | None, to_text: str | None) -> tuple[int | None, int | None]:
     """The ledger seconds for ?from=&to=, or BadRequest if either is not an ISO instant."""
-    from_ms = to_ms = None
-    if from_text:
-        from_ms = wire.parse_instant_ms(from_text)
-        if from_ms is None:
-            raise BadRequest("from must be an ISO-8601 instant, e.g. 2025-07-10T12:34:56.000Z", 400)
-    if to_text:
-        to_ms = wire.parse_instant_ms(to_text)
-        if to_ms is None:
-            raise BadRequest("to must be an ISO-8601 instant, e.g. 2025-07-10T12:34:56.000Z", 400)
-    return wire.window_seconds(from_ms, to_ms)
+    return wire.window_seconds(_instant("from", from_text), _instant("to", to_text))
+
+
+def _instant(name: str, text: str | None) -> wire.Instant | None:
+    if not text:
+        return None  # missing or empty: that side of the window is open
+    instant = wire.parse_instant(text)
+    if instant is None:
+        raise BadRequest(
+            f"{name} must be an ISO-8601 instant, e.g. 2025-07-10T12:34:56.000Z or "
+            "2025-07-10T09:34:56.000-03:00", 400)
+    return instant
 
 
 class Intake:

@@ -12,6 +12,7 @@ import functools
 import re
 import struct
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, DecimalException
 
@@ -84,35 +85,74 @@ def format_requested_at(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second))
 
 
-def parse_instant_ms(text: str) -> int | None:
-    """Milliseconds since the epoch of an ISO-8601 instant, or None if it is not one.
+# An ISO-8601 instant as the summary's from/to and the processors' requestedAt spell it: a date,
+# optionally a time with any number of fraction digits, optionally an offset. The offset's "+"
+# may arrive as a space: in a query string "+" means a space unless it is sent as %2B, and a
+# space cannot mean anything else right after a time, so it is read as the "+" it was.
+_INSTANT = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[Tt ](\d{2})(?::(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
+    r"(?:([Zz])|([+\- ])(\d{2})(?::?(\d{2}))?)?)?",
+    re.ASCII,  # \d is 0-9 only: int() would take other scripts' digits too
+)
+_MAX_INSTANT_CHARS = 1024
 
-    A time without an offset is UTC, as the contest sends it ("...T12:34:56.000Z").
-    Sub-millisecond digits are truncated, as the processors compare at millisecond precision.
+
+@dataclass(frozen=True, slots=True)
+class Instant:
+    """A moment as whole seconds since the epoch plus whether a fraction of a second follows:
+    all a window over whole-second buckets needs, at whatever precision the text had."""
+
+    second: int  # the whole second at or before the moment (floor, also before 1970)
+    has_fraction: bool  # the moment lies strictly after `second`
+
+
+def parse_instant(text: str) -> Instant | None:
+    """The instant an ISO-8601 text names, or None if it is not one.
+
+    A time without an offset is UTC, as the contest sends it ("...T12:34:56.000Z"). Fraction
+    digits are kept at their full precision: "56.000000001" lies after second 56, so a window
+    starting there does not contain second 56, as the processors (which compare at their own
+    precision, finer than milliseconds) would not count a payment at 56.000 either.
     """
-    if not 10 <= len(text) <= 40:
+    if len(text) > _MAX_INSTANT_CHARS:
         return None
+    match = _INSTANT.fullmatch(text)
+    if match is None:
+        return None
+    (year, month, day, hour, minute, second, fraction, _zulu, sign, offset_hours,
+     offset_minutes) = match.groups()
+    if hour is not None and minute is None:
+        return None  # "T12" alone: not an instant anyone sends
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
+        moment = datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                          int(second or 0), tzinfo=UTC)
+    except ValueError:  # month 13, hour 25, February 30...
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+    offset_s = 0
+    if sign is not None:
+        hours, minutes = int(offset_hours), int(offset_minutes or 0)
+        if hours > 23 or minutes > 59:
+            return None
+        offset_s = (hours * 60 + minutes) * 60 * (-1 if sign == "-" else 1)
     delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    whole = delta.days * 86_400 + delta.seconds - offset_s
+    return Instant(whole, bool(fraction) and fraction.strip("0") != "")
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def window_seconds(from_ms: int | None, to_ms: int | None) -> tuple[int | None, int | None]:
-    """The whole seconds s whose instant s.000 lies in [from_ms, to_ms], both ends inclusive.
+def window_seconds(
+    start: Instant | None, end: Instant | None
+) -> tuple[int | None, int | None]:
+    """The whole seconds s whose instant s.000... lies in [start, end], both ends inclusive.
 
-    A payment sent with requestedAt s.000Z is in the window iff from <= s*1000 <= to, so the
-    first second is ceil(from/1000) and the last floor(to/1000).
+    A payment sent with requestedAt s.000Z is in the window iff start <= s <= end, so the
+    first second is start rounded up and the last is end rounded down.
     """
-    first = None if from_ms is None else -(-from_ms // 1000)
-    last = None if to_ms is None else to_ms // 1000
+    first = None if start is None else start.second + start.has_fraction
+    last = None if end is None else end.second
     return first, last
 
 

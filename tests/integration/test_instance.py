@@ -63,6 +63,46 @@ def test_concurrent_payments_match_processors_for_any_window(processors, start_i
         assert_summaries_equal(instance, default, fallback, params)
 
 
+def test_windows_at_any_precision_and_offset_match_the_processors(processors, start_instance):
+    """The processors compare requestedAt at microsecond precision: a window that starts a
+    microsecond after a whole second must leave that second out here too."""
+    default, fallback = processors
+    instance = start_instance()
+    started = time.time_ns() // 1_000_000_000
+    assert post_payments(instance.url, 300).count(202) == 300
+    wait_recorded(instance, 300)
+    ended = time.time_ns() // 1_000_000_000
+    seconds = range(started, ended + 1)
+    with_data = [s for s in seconds
+                 if processor_totals(default, {"from": iso(s * 1000), "to": iso(s * 1000)})[0]]
+    assert with_data
+    for second in with_data:
+        whole = iso(second * 1000)[:-1]  # "...T12:34:56.000"
+        windows = [
+            {"from": whole + "999Z", "to": iso((second + 1) * 1000)},  # .000999: after s
+            {"from": whole + "001Z", "to": whole + "001Z"},  # .000001: after s
+            {"from": iso(second * 1000 - 1000)[:-4] + "999999Z", "to": whole + "000Z"},
+            {"from": whole + "Z", "to": whole + "999Z"},
+        ]
+        for params in windows:
+            assert_summaries_equal(instance, default, fallback, params)
+        # Nanosecond digits (beyond the emulator's microseconds): a second is in the window
+        # iff from <= s.000000000 <= to, at the precision given.
+        nanos = instance.summary({"from": whole + "000001Z"})
+        later = instance.summary({"from": iso((second + 1) * 1000)})
+        assert nanos == later
+        # A "+hh:mm" offset, URL-encoded or not ("+" unencoded arrives as a space).
+        local = datetime.fromtimestamp(second + 3 * 3600, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        exact = instance.summary({"from": whole + "Z", "to": whole + "Z"})
+        encoded = httpx.get(f"{instance.url}/payments-summary?from={local}.000%2B03:00"
+                            f"&to={local}.000%2B03:00", timeout=5)
+        raw = httpx.get(f"{instance.url}/payments-summary?from={local}.000+03:00"
+                        f"&to={local}.000+03:00", timeout=5)
+        assert encoded.status_code == raw.status_code == 200, raw.text
+        assert encoded.json() == raw.json() == exact
+        assert exact["default"]["totalRequests"] > 0
+
+
 def test_failing_default_holds_payments_then_sends_them_all_to_default(processors, start_instance):
     default, fallback = processors
     instance = start_instance()

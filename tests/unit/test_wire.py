@@ -172,31 +172,45 @@ def test_format_cents_round_trips_through_parse_cents(cents: int) -> None:
 )
 def test_format_requested_at_is_the_whole_second_in_utc(second: int, text: str) -> None:
     assert wire.format_requested_at(second) == text
-    assert wire.parse_instant_ms(text) == second * 1000
+    assert wire.parse_instant(text) == wire.Instant(second, False)
 
 
 @pytest.mark.parametrize(
-    ("text", "ms"),
+    ("text", "second", "has_fraction"),
     [
-        ("2025-07-10T12:34:56.000Z", T0 * 1000),
-        ("2025-07-10T12:34:56Z", T0 * 1000),
-        ("2025-07-10T12:34:56+00:00", T0 * 1000),
-        ("2025-07-10T12:34:56.000+00:00", T0 * 1000),
-        ("2025-07-10T15:34:56.000+03:00", T0 * 1000),  # the offset converts to UTC
-        ("2025-07-10T09:34:56.000-03:00", T0 * 1000),
-        ("2025-07-10T12:34:56.000", T0 * 1000),  # no offset: UTC
-        ("2025-07-10T12:34:56", T0 * 1000),
-        ("2025-07-10T12:34:56.5Z", T0 * 1000 + 500),
-        ("2025-07-10T12:34:56.123Z", T0 * 1000 + 123),
-        ("2025-07-10T12:34:56.1239Z", T0 * 1000 + 123),  # sub-millisecond digits truncated
-        ("2025-07-10T12:34:56.123999Z", T0 * 1000 + 123),
-        ("2025-07-10T12:34:56.999999Z", T0 * 1000 + 999),
-        ("1970-01-01T00:00:00.000Z", 0),
-        ("1969-12-31T23:59:59.999Z", -1),
+        ("2025-07-10T12:34:56.000Z", T0, False),
+        ("2025-07-10T12:34:56Z", T0, False),
+        ("2025-07-10T12:34:56z", T0, False),
+        ("2025-07-10t12:34:56Z", T0, False),
+        ("2025-07-10 12:34:56Z", T0, False),
+        ("2025-07-10T12:34:56+00:00", T0, False),
+        ("2025-07-10T12:34:56.000+00:00", T0, False),
+        ("2025-07-10T15:34:56.000+03:00", T0, False),  # the offset converts to UTC
+        ("2025-07-10T15:34:56.000+0300", T0, False),
+        ("2025-07-10T15:34:56.000+03", T0, False),
+        ("2025-07-10T09:34:56.000-03:00", T0, False),
+        ("2025-07-10T14:04:56.000+01:30", T0, False),
+        # "+03:00" unencoded in a query string arrives as " 03:00": the only reading is "+".
+        ("2025-07-10T15:34:56.000 03:00", T0, False),
+        ("2025-07-10T12:34:56.000", T0, False),  # no offset: UTC
+        ("2025-07-10T12:34:56", T0, False),
+        ("2025-07-10T12:34", T0 - 56, False),
+        ("2025-07-10", T0 - (12 * 3600 + 34 * 60 + 56), False),
+        ("2025-07-10T12:34:56.5Z", T0, True),
+        ("2025-07-10T12:34:56,5Z", T0, True),
+        ("2025-07-10T12:34:56.001Z", T0, True),
+        ("2025-07-10T12:34:56.000999Z", T0, True),  # microseconds count
+        ("2025-07-10T12:34:56.000000001Z", T0, True),  # and nanoseconds
+        ("2025-07-10T12:34:56." + "0" * 60 + "1Z", T0, True),  # any number of digits
+        ("2025-07-10T12:34:56." + "0" * 60 + "Z", T0, False),
+        ("2025-07-10T12:34:56.999999999Z", T0, True),
+        ("1970-01-01T00:00:00.000Z", 0, False),
+        ("1969-12-31T23:59:59.999Z", -1, True),
+        ("1969-12-31T23:59:59Z", -1, False),
     ],
 )
-def test_parse_instant_ms(text: str, ms: int) -> None:
-    assert wire.parse_instant_ms(text) == ms
+def test_parse_instant(text: str, second: int, has_fraction: bool) -> None:
+    assert wire.parse_instant(text) == wire.Instant(second, has_fraction)
 
 
 @pytest.mark.parametrize(
@@ -206,44 +220,58 @@ def test_parse_instant_ms(text: str, ms: int) -> None:
         "garbage",
         "yesterday!",
         "2025-13-10T12:34:56Z",
+        "2025-02-30T12:34:56Z",
         "2025-07-10T25:00:00Z",
+        "2025-07-10T12:60:00Z",
+        "2025-07-10T12:34:61Z",
+        "2025-07-10T12Z",
+        "2025-07-10T12:34:56.Z",
         "2025-07-10T12:34:56.000Zjunk",
-        "2025-07-10T12:34:56.000Z" + " " * 17,  # 41 characters: too long
-        "2025-07-10T12:34:56.000000000000000000000Z",
+        "2025-07-10T12:34:56.000Z ",
+        "2025-07-10T12:34:56.000+24:00",
+        "2025-07-10T12:34:56.000+03:60",
+        "2025-07-10Z",
+        "2025-07-10T12:34:56." + "0" * 1100 + "Z",  # past the length bound
         "1752150896000",
+        "2025-07-10T12:34:56.000\u0000",
+        "２０２５-07-10T12:34:56Z",  # non-ASCII digits
     ],
 )
-def test_parse_instant_ms_refuses_what_is_not_an_instant(text: str) -> None:
-    assert wire.parse_instant_ms(text) is None
+def test_parse_instant_refuses_what_is_not_an_instant(text: str) -> None:
+    assert wire.parse_instant(text) is None
+
+
+def at(second: int, has_fraction: bool = False) -> wire.Instant:
+    return wire.Instant(second, has_fraction)
 
 
 @pytest.mark.parametrize(
-    ("from_ms", "to_ms", "window"),
+    ("start", "end", "window"),
     [
-        (1500, 2999, (2, 2)),  # 2.000 is the only whole second inside
-        (2000, 2000, (2, 2)),  # both ends inclusive
-        (2000, 3000, (2, 3)),
-        (2001, 2999, (3, 2)),  # no whole second inside: an empty window
-        (0, 999, (0, 0)),
-        (1, 999, (1, 0)),
-        (-1500, -1, (-1, -1)),
-        (-2000, -1000, (-2, -1)),
-        (-1, -1001, (0, -2)),
-        (None, 2999, (None, 2)),
-        (1500, None, (2, None)),
+        (at(1, True), at(2, True), (2, 2)),  # 2.000 is the only whole second inside
+        (at(2), at(2), (2, 2)),  # both ends inclusive
+        (at(2), at(3), (2, 3)),
+        (at(2, True), at(2, True), (3, 2)),  # no whole second inside: an empty window
+        (at(0), at(0, True), (0, 0)),
+        (at(0, True), at(0, True), (1, 0)),
+        (at(-2, True), at(-1, True), (-1, -1)),
+        (at(-2), at(-1), (-2, -1)),
+        (None, at(2, True), (None, 2)),
+        (at(1, True), None, (2, None)),
         (None, None, (None, None)),
     ],
 )
 def test_window_seconds_is_the_whole_seconds_inside_both_ends(
-    from_ms: int | None, to_ms: int | None, window: tuple[int | None, int | None]
+    start: wire.Instant | None, end: wire.Instant | None,
+    window: tuple[int | None, int | None],
 ) -> None:
-    assert wire.window_seconds(from_ms, to_ms) == window
+    assert wire.window_seconds(start, end) == window
 
 
 def test_window_of_an_instant_pair_contains_exactly_the_requested_at_seconds() -> None:
     first, last = wire.window_seconds(
-        wire.parse_instant_ms("2025-07-10T12:34:55.001Z"),
-        wire.parse_instant_ms("2025-07-10T12:34:58.000Z"),
+        wire.parse_instant("2025-07-10T12:34:55.000001Z"),
+        wire.parse_instant("2025-07-10T12:34:58.000Z"),
     )
     assert (first, last) == (T0, T0 + 2)
 
