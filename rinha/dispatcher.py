@@ -7,8 +7,9 @@ only writer of the ledger's OWN region. Each payment:
   3. is sent with requestedAt = the current whole second, the slot marked SENDING first;
   4. on 2XX is recorded in the ledger bucket of exactly that requestedAt, then freed.
 An unknown outcome (timeout, reset) pins the payment to the same processor and requestedAt
-until a 2XX or a 422 says it is stored (DESIGN.md invariant 3). A restarted dispatcher
-re-drives whatever the table holds, so a crash loses nothing and counts nothing twice.
+until a 2XX says it is stored, or a 422 followed by the processor's own record of the payment
+proves it is ours (outcomes.py). A restarted dispatcher re-drives whatever the table holds, so
+a crash loses nothing and counts nothing twice.
 """
 
 from __future__ import annotations
@@ -28,35 +29,25 @@ from rinha.health import HealthPoller, HealthReport
 from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
 from rinha.intake import PURGE_CENTS
 from rinha.ledger import PROCESSOR_NAMES, Ledger
+from rinha.outcomes import (
+    CONFIRM,
+    DUPLICATE,
+    RECORD,
+    RESEND,
+    UNKNOWN,
+    classify,
+    judge_stored,
+)
 from rinha.peers import PeerSync
 from rinha.settings import Settings
 from rinha.transport import PooledTransport
 
 log = logging.getLogger("rinha.dispatcher")
 
-# What a processor's answer means for a payment.
-RECORD = "record"  # 2XX, or 422 after an unknown outcome: it is stored, count it once
-DUPLICATE = "duplicate"  # 422 on a clean first attempt: another payment had this id
-DEFINITE_FAILURE = "failure"  # nothing was stored: the payment may go anywhere later
-UNKNOWN = "unknown"  # maybe stored: retry on the same processor with the same requestedAt
-
 _JSON_HEADER = (b"Content-Type", b"application/json")
 
 # Errors raised before a single byte of the request left: the processor cannot have it.
 _NOT_DELIVERED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-def classify(status: int | None, pinned: bool) -> str:
-    """The meaning of a reply (`status`) or of an error after sending (`status` None)."""
-    if status is None:
-        return UNKNOWN
-    if 200 <= status < 300:
-        return RECORD
-    if status == 422:
-        return RECORD if pinned else DUPLICATE
-    # 500 after the delay, 429 from the limiter, any other 4xx: nothing stored. A pinned
-    # payment stays pinned all the same: the earlier attempt may still have been stored.
-    return DEFINITE_FAILURE
 
 
 class Dispatcher:
@@ -79,6 +70,13 @@ class Dispatcher:
         self._waiting: deque[HeldPayment] = deque()  # free to go to any processor
         self._pinned: tuple[deque[HeldPayment], deque[HeldPayment]] = (deque(), deque())
         self._free_slots: list[int] = []
+        # One payment per correlationId at a time: ids of payments admitted to the queues above
+        # or in flight, and the later payments with one of those ids, parked until the earlier
+        # one is settled. Two payments with one id, the same amount and the same requestedAt
+        # are indistinguishable in the processor's record (the 422 check, outcomes.py), so the
+        # second is never sent while the first's outcome is unknown.
+        self._active_ids: set[bytes] = set()
+        self._parked: dict[bytes, deque[HeldPayment]] = {}
         self._in_flight = 0
         self._tokens = float(settings.drain_rate_per_s) / 10
         self._tokens_at = time.monotonic()
@@ -151,7 +149,10 @@ class Dispatcher:
                 # the same requestedAt can tell us (invariant 3).
                 payment.pinned = True
                 self._table.set_state(payment, QUEUED)
-            self._enqueue(payment)
+        # A payment whose outcome is unknown goes first among those sharing its id.
+        for payment in sorted((p for p in held if p.state != RECORDING),
+                              key=lambda p: not p.pinned):
+            self._admit(payment)
         self._free_slots = [s for s in range(self._table.capacity - 1, -1, -1) if s not in used]
         if held:
             log.warning("re-driving %d payments left by a previous dispatcher", len(held))
@@ -198,7 +199,7 @@ class Dispatcher:
             payment = HeldPayment(slot, correlation_id, cents, now_ms)
             table.write(payment)
             table.unstage()
-            self._waiting.append(payment)
+            self._admit(payment)
         if not self._free_slots:
             # The table is full: leave the rest in the kernel queue; when that fills too the
             # workers answer 503 (an explicit refusal, invariant 1). A freed slot reads again.
@@ -214,6 +215,14 @@ class Dispatcher:
             self._peer.purged()
 
     # Holding table -> processors -----------------------------------------------------------
+
+    def _admit(self, payment: HeldPayment) -> None:
+        """Queue a held payment for sending, unless an earlier one with its id is unsettled."""
+        if payment.correlation_id in self._active_ids:
+            self._parked.setdefault(payment.correlation_id, deque()).append(payment)
+            return
+        self._active_ids.add(payment.correlation_id)
+        self._enqueue(payment)
 
     def _enqueue(self, payment: HeldPayment) -> None:
         if payment.pinned:
@@ -332,17 +341,17 @@ class Dispatcher:
 
     def _settle(self, payment: HeldPayment, processor: int, outcome: str, was_probe: bool) -> None:
         circuit = self._circuits[processor]
-        if outcome == RECORD:
-            self._record(payment)
+        if outcome in (RECORD, DUPLICATE, CONFIRM):
+            # It answered with what it holds: it is up, whatever that says of this payment.
             if circuit.failing:
                 log.warning("processor %s answers again", PROCESSOR_NAMES[processor])
             routing.on_success(circuit)
-            return
-        if outcome == DUPLICATE:
-            log.warning("%s: the %s processor already had this correlationId; not counted",
-                        wire.format_uuid(payment.correlation_id), PROCESSOR_NAMES[processor])
-            self._release(payment.slot)
-            routing.on_success(circuit)
+            if outcome == RECORD:
+                self._record(payment)
+            elif outcome == DUPLICATE:
+                self._refuse_duplicate(payment)
+            else:
+                self._confirm(payment)
             return
         if outcome == UNKNOWN:
             payment.pinned = True
@@ -358,12 +367,59 @@ class Dispatcher:
             # Back to the head: it is the oldest, and a probe should be the oldest payment.
             self._waiting.appendleft(payment)
 
+    def _confirm(self, payment: HeldPayment) -> None:
+        """A 422 on a pinned payment: the processor holds a payment with our id. Ask it which
+        one (GET /payments/{id}); count ours only if the record is ours. The slot stays
+        SENDING meanwhile, so a restarted dispatcher asks again."""
+        self._in_flight += 1
+        processor = payment.processor
+        url = self._urls[processor].copy_with(
+            path=f"/payments/{wire.format_uuid(payment.correlation_id)}")
+        request = httpx.Request("GET", url, headers=(self._host_headers[processor],))
+        self._transport.start(request, lambda reply: self._on_confirmed(payment, reply))
+
+    def _on_confirmed(self, payment: HeldPayment, reply: httpx.Response | BaseException) -> None:
+        self._in_flight -= 1
+        status, body = None, b""
+        if isinstance(reply, httpx.Response):
+            status, body = reply.status_code, reply.read()
+        elif not isinstance(reply, httpx.TransportError):
+            raise reply  # not a network outcome: a bug; the loop's handler crashes the process
+        verdict = judge_stored(status, body, payment.correlation_id, payment.cents,
+                               payment.requested_at)
+        if verdict == RECORD:
+            self._record(payment)
+        elif verdict == DUPLICATE:
+            self._refuse_duplicate(payment)
+        else:
+            # RESEND (it holds nothing under our id) or UNKNOWN (it did not say): send it again,
+            # still pinned, after a pause, so a processor that keeps answering 422 and then
+            # nothing cannot make this payment spin.
+            log.warning("%s: the %s processor answered 422, then %s to GET; sending again",
+                        wire.format_uuid(payment.correlation_id),
+                        PROCESSOR_NAMES[payment.processor], status)
+            self._table.set_state(payment, QUEUED)
+            assert self._loop is not None
+            self._loop.call_later(self._settings.retry_backoff_max_s, self._repin, payment)
+        self._pump()
+
+    def _repin(self, payment: HeldPayment) -> None:
+        if not self._stopping:
+            self._pinned[payment.processor].append(payment)
+            self._pump()
+
+    def _refuse_duplicate(self, payment: HeldPayment) -> None:
+        log.warning("%s: the %s processor holds another payment with this correlationId; "
+                    "this one is not counted", wire.format_uuid(payment.correlation_id),
+                    PROCESSOR_NAMES[payment.processor])
+        self._release(payment)
+
     def _record(self, payment: HeldPayment) -> None:
         """Count the payment once, crash-safely (see RECORDING in holding.py), then free it."""
         payment.word_before = self._ledger.own_word(payment.requested_at, payment.processor)
         self._table.set_state(payment, RECORDING)
         self._ledger.record(payment.requested_at, payment.processor, payment.cents)
-        self._release(payment.slot)
+        self._release(payment)
         self._mark_dirty(payment.requested_at, payment.processor)
 
     def _finish_recording(self, payment: HeldPayment) -> None:
@@ -372,11 +428,20 @@ class Dispatcher:
         self._table.free(payment.slot)
         self._mark_dirty(payment.requested_at, payment.processor)
 
-    def _release(self, slot: int) -> None:
-        self._table.free(slot)
-        self._free_slots.append(slot)
+    def _release(self, payment: HeldPayment) -> None:
+        """The payment is settled: free its slot and let the next one with its id go."""
+        self._table.free(payment.slot)
+        self._free_slots.append(payment.slot)
         if len(self._free_slots) == 1 and not self._reading_queue:
             self._start_reading_queue()  # the table was full: read the queue again
+        parked = self._parked.get(payment.correlation_id)
+        if parked:
+            following = parked.popleft()
+            if not parked:
+                del self._parked[payment.correlation_id]
+            self._enqueue(following)  # its id stays active
+        else:
+            self._active_ids.discard(payment.correlation_id)
 
     def _mark_dirty(self, second: int, processor: int) -> None:
         """Coalesce the cells recorded in this loop turn into one push to the peer."""

@@ -1,10 +1,19 @@
-"""dispatcher.classify: what a processor's reply means for a payment (DESIGN.md invariant 3)."""
+"""outcomes.classify and judge_stored: what a processor's answers mean for a payment."""
 
 from __future__ import annotations
 
 import pytest
 
-from rinha.dispatcher import DEFINITE_FAILURE, DUPLICATE, RECORD, UNKNOWN, classify
+from rinha.outcomes import (
+    CONFIRM,
+    DEFINITE_FAILURE,
+    DUPLICATE,
+    RECORD,
+    RESEND,
+    UNKNOWN,
+    classify,
+    judge_stored,
+)
 
 
 @pytest.mark.parametrize(
@@ -18,8 +27,8 @@ from rinha.dispatcher import DEFINITE_FAILURE, DUPLICATE, RECORD, UNKNOWN, class
         (299, False, RECORD),
         (200, True, RECORD),
         (204, True, RECORD),
-        # 422 after an unknown outcome: our earlier attempt stored it.
-        (422, True, RECORD),
+        # 422 after an unknown outcome: it holds a payment with our id; ask which one.
+        (422, True, CONFIRM),
         # 422 on a clean first attempt: another payment had this correlationId.
         (422, False, DUPLICATE),
         # Anything else: nothing stored.
@@ -42,5 +51,50 @@ def test_classify(status: int | None, pinned: bool, outcome: str) -> None:
     assert classify(status, pinned) == outcome
 
 
-def test_the_outcomes_are_distinct() -> None:
-    assert len({RECORD, DUPLICATE, DEFINITE_FAILURE, UNKNOWN}) == 4
+OURS = bytes.fromhex("4a7901b87d264d9daa194dc1c7cf60b3")
+OURS_TEXT = "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3"
+SECOND = 1_752_150_896  # 2025-07-10T12:34:56Z
+
+
+def stored(amount: str = "19.90", at: str = "2025-07-10T12:34:56.000Z",
+           correlation_id: str = OURS_TEXT) -> bytes:
+    return (f'{{"correlationId":"{correlation_id}","amount":{amount},'
+            f'"requestedAt":"{at}"}}').encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "verdict"),
+    [
+        # Ours: same id, same amount, requestedAt exactly our whole second, however spelled.
+        (200, stored(), RECORD),
+        (200, stored("19.9"), RECORD),
+        (200, stored("1990e-2"), RECORD),
+        (200, stored(at="2025-07-10T12:34:56Z"), RECORD),
+        (200, stored(at="2025-07-10T12:34:56.0000000Z"), RECORD),
+        (200, stored(at="2025-07-10T09:34:56.000-03:00"), RECORD),
+        (200, stored(correlation_id=OURS_TEXT.upper()), RECORD),
+        # Another payment with our id: a different amount or another instant.
+        (200, stored("20.00"), DUPLICATE),
+        (200, stored("19.91"), DUPLICATE),
+        (200, stored("19.899"), DUPLICATE),
+        (200, stored("-19.90"), DUPLICATE),
+        (200, stored(at="2025-07-10T12:34:57.000Z"), DUPLICATE),
+        (200, stored(at="2025-07-10T12:34:56.001Z"), DUPLICATE),
+        (200, stored(at="2025-07-10T12:34:56.000001Z"), DUPLICATE),
+        (200, stored(at="not a time"), DUPLICATE),
+        # It holds nothing under our id: send again.
+        (404, b"", RESEND),
+        # It did not say: ask again later.
+        (None, b"", UNKNOWN),
+        (500, stored(), UNKNOWN),
+        (429, b"", UNKNOWN),
+        (200, b"", UNKNOWN),
+        (200, b"not json", UNKNOWN),
+        (200, b"[]", UNKNOWN),
+        (200, b'{"amount": 19.90}', UNKNOWN),
+        (200, stored('"19.90"'), UNKNOWN),
+        (200, stored(correlation_id="5a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3"), UNKNOWN),
+    ],
+)
+def test_judge_stored(status: int | None, body: bytes, verdict: str) -> None:
+    assert judge_stored(status, body, OURS, 1990, SECOND) == verdict

@@ -75,3 +75,17 @@ def test_sending_becomes_pinned_to_its_processor_and_requested_at(parts):
     assert [p.slot for p in restarted._waiting] == [6]
     assert 5 not in restarted._free_slots and 6 not in restarted._free_slots
     assert ledger.own_cell(SECOND, DEFAULT) == (0, 0)
+
+
+def test_of_two_payments_with_one_id_the_pinned_one_goes_first_the_other_waits(parts):
+    _, table, _ = parts
+    same = uuid4().bytes
+    table.write(HeldPayment(3, same, 1990, 1_000, state=QUEUED))  # older, never sent
+    table.write(HeldPayment(4, same, 1990, 2_000, state=SENDING, processor=DEFAULT,
+                            requested_at=SECOND))
+    table.write(held(5, QUEUED))
+    restarted = dispatcher(parts)
+    restarted.recover()
+    assert [p.slot for p in restarted._pinned[DEFAULT]] == [4]
+    assert [p.slot for p in restarted._waiting] == [5]
+    assert [p.slot for p in restarted._parked[same]] == [3]
