@@ -13,6 +13,11 @@ uWebSockets' rules kept here: a handler that returns without responding register
 handler (uWS terminates the process otherwise); a response is ended exactly once, at its last
 body chunk, so no callback can reach a response that has ended. A body over `max_body` bytes
 is read to its end and discarded, then answered 413 with the connection closed.
+
+POST /payments itself is a NativePaymentRoute: the same route in C (native_ledger/_intake.c),
+which queues and answers the bodies it is certain about without Python and hands every other
+body to the same `complete` function, whose answer stands. Measured with benchmarks/budgets.py
+(see the README's figures).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from socketify.native import ffi, lib
+from socketify.native import ffi, lib, library_path
+
+from native_ledger._intake import PaymentRoute
 
 log = logging.getLogger("rinha.body_route")
 
@@ -77,11 +84,7 @@ class BodyRoute:
         if len(body) > self._max_body:
             self._reply(res, 413, _error(f"body over {self._max_body} bytes"), close=True)
             return
-        try:
-            status, payload = self._complete(body, header_value)
-        except Exception:  # a bug must neither kill the worker nor leave the client hanging
-            log.exception("POST handler failed")
-            status, payload = 500, _error("internal error")
+        status, payload = answer(self._complete, body, header_value)
         self._reply(res, status, payload)
 
     def on_aborted(self, res: Any) -> None:
@@ -98,6 +101,40 @@ class BodyRoute:
         # uws_res_end with an empty body still sends Content-Length: 0, which nginx's
         # keep-alive upstreams need (FINDINGS.md).
         lib.uws_res_end(self.ssl, res, payload, len(payload), close)
+
+
+class NativePaymentRoute:
+    """POST `pattern` on `app` in C (native_ledger._intake.PaymentRoute): a body it is certain
+    about is queued on the queue descriptor `mqd` as wire.PAYMENT_RECORD and answered 202 (503
+    with `queue_full` when the queue is full) without Python; a body over `max_body` is read to
+    its end and answered 413 with the connection closed, as BodyRoute does; any other body goes
+    to `complete(body, None)`, whose answer stands. Lives as long as the process (uWS cannot
+    remove a route)."""
+
+    def __init__(self, app: Any, pattern: str, complete: Complete, mqd: int, max_body: int,
+                 queue_full: bytes) -> None:
+        self._complete = complete
+        self.route = PaymentRoute(library_path, _address(app.app), app.SSL, pattern, mqd,
+                                  self._on_body, max_body,
+                                  _error(f"body over {max_body} bytes"), queue_full)
+
+    def _on_body(self, body: bytes) -> tuple[int, bytes]:
+        return answer(self._complete, body, None)
+
+    def counts(self) -> dict[str, int]:
+        """accepted/full/too_large (answered in C), deferred (by `complete`), aborted,
+        in_progress (see PaymentRoute.counts)."""
+        return self.route.counts()
+
+
+def answer(complete: Complete, body: bytes, header_value: bytes | None) -> tuple[int, bytes]:
+    """`complete`'s answer, or 500: a bug must neither kill the worker nor leave the client
+    hanging."""
+    try:
+        return complete(body, header_value)
+    except Exception:
+        log.exception("POST handler failed")
+        return 500, _error("internal error")
 
 
 def _error(message: str) -> bytes:

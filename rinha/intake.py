@@ -7,7 +7,8 @@ validated, written to the POSIX queue as a 24-byte record and answered 202 at on
 
 Handlers are synchronous and the loop is uv_run, not socketify's app.run(): app.run() busy-polls
 a core and async handlers crashed under load (FINDINGS.md, socketify). The POST routes, which
-read a body, run on uWS's C API through body_route.py; the GET routes use socketify's app.get.
+read a body, run on uWS's C API through body_route.py, POST /payments in C for the bodies it is
+certain about (native_ledger/_intake.c); the GET routes use socketify's app.get.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ MAX_BODY_BYTES = 4096
 PURGE_CENTS = -1
 
 _JSON = b"application/json"
+
+# The 503 of POST /payments, from Python and from the native route alike.
+QUEUE_FULL = "queue full, retry later"
 
 
 class BadRequest(ValueError):
@@ -117,12 +121,15 @@ class Intake:
         """Listen and run uv's blocking loop until the process is killed."""
         from socketify import App, AppListenOptions
 
-        from rinha.body_route import BodyRoute
+        from rinha.body_route import BodyRoute, NativePaymentRoute
 
         app = App()
         # The two POST routes read a body: on uWS's C API (body_route.py), not app.post.
+        # POST /payments in C (native_ledger/_intake.c) for the bodies it is certain about;
+        # every other body reaches _accept_payment, whose answer stands.
         self._routes = [
-            BodyRoute(app, "/payments", self._accept_payment, MAX_BODY_BYTES),
+            NativePaymentRoute(app, "/payments", self._accept_payment, self._queue.mqd,
+                               MAX_BODY_BYTES, _error_json(QUEUE_FULL)),
             BodyRoute(app, "/purge-payments", self._purge, MAX_BODY_BYTES,
                       header=b"x-rinha-token"),
         ]
@@ -152,7 +159,7 @@ class Intake:
             self._queue.send(wire.encode_payment(raw_id, cents), timeout=0)
         except posix_ipc.BusyError:
             # An explicit refusal, never a silent drop (invariant 1).
-            return 503, _error_json("queue full, retry later")
+            return 503, _error_json(QUEUE_FULL)
         return 202, b""
 
     # GET /payments-summary ---------------------------------------------------------------
