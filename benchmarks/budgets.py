@@ -1,6 +1,7 @@
 """The two CPU budgets of one instance, measured open-loop (issue "One instance, end to end").
 
   python benchmarks/budgets.py [--rate 550] [--seconds 20] [--delay-ms 90] [--cpus 0.5]
+                               [--rounds 3] [--instance-tree DIR] [--no-nginx]
 
 Starts two processor emulators (the default one answering after --delay-ms, so about
 rate * delay requests are in flight), one `rinha serve` with one worker, inside a cgroup of
@@ -13,6 +14,14 @@ Reports:
   - worker CPU per request and k6's latency percentiles of POST /payments (budget: p99 <= 1 ms;
     measured from the client, so an upper bound of the server-side time);
   - worker and dispatcher CPU while idle (5 s after the run), and the cgroup's throttling.
+The baseline, in the same run: nginx answering POST /payments with `return 202;` itself (one
+worker, in a cgroup of the same --cpus on the same CPUs, driven by the same k6 script): its
+worker's CPU per request (/proc/PID/schedstat) and its server-side latencies, so the instance's
+figures can be read as ratios to what the cheapest possible answer costs on this machine now
+(target: worker CPU per POST /payments at most 1.3x nginx's, server-side p99 <= 0.2 ms).
+--rounds N alternates the instance's and nginx's runs N times (nginx first in odd rounds) and
+reports each round and the medians. --instance-tree DIR runs `rinha serve` from another source
+tree (e.g. `git archive` of an older commit, extensions built in place), for before/after.
 Saves the result as JSON under benchmarks/results/.
 """
 
@@ -127,18 +136,27 @@ def main() -> int:
     parser.add_argument("--float-instance", action="store_true",
                         help="let the instance run on any CPU, the harness's too (default: "
                              "the instance on the CPUs the harness does not use)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the instance's and nginx's runs this many times")
+    parser.add_argument("--instance-tree", default=None,
+                        help="run `rinha serve` from this source tree (default: the one "
+                             "Python imports)")
+    parser.add_argument("--no-nginx", action="store_true",
+                        help="skip the baseline of nginx answering 202 itself")
     args = parser.parse_args()
 
     run_dir = Path(tempfile.mkdtemp(prefix="rinha-budgets-"))
     processes: list[subprocess.Popen[bytes]] = []
     group_parent = f"rinha-budgets-{os.getpid()}"
     group: dict[str, str] = {}
+    groups: list[dict[str, str]] = []
 
     def start(name: str, argv: list[str], env: dict[str, str] | None = None,
-              preexec=None) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+              preexec=None, cwd: str | None = None) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
         log = open(run_dir / f"{name}.log", "wb")
         process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=log,
-                                   stderr=subprocess.STDOUT, preexec_fn=preexec or os.setsid)
+                                   stderr=subprocess.STDOUT, preexec_fn=preexec or os.setsid,
+                                   cwd=cwd)
         processes.append(process)
         return process
 
@@ -155,6 +173,7 @@ def main() -> int:
         limited = os.geteuid() == 0
         if limited:
             group = cgroups.make(group_parent, "instance", args.cpus, None)
+            groups.append(group)
         env = {"INSTANCE_NAME": f"budgets{os.getpid()}", "HOST": "127.0.0.1",
                "PORT": str(ports[2]), "WORKERS": "1", "HEALTH_POLL": "0",
                "PROCESSOR_DEFAULT_URL": f"http://127.0.0.1:{ports[0]}",
@@ -167,83 +186,81 @@ def main() -> int:
             if not args.float_instance:
                 os.sched_setaffinity(0, instance_cpus)
 
-        serve = start("serve", [sys.executable, "-m", "rinha", "serve"], env, start_instance)
+        serve = start("serve", [sys.executable, "-m", "rinha", "serve"], env, start_instance,
+                      cwd=args.instance_tree)
         wait_port(ports[2])
         time.sleep(1)
         roles = children_by_name(serve.pid)
         worker, dispatcher = roles["rinha-worker0"], roles["rinha-dispatch"]
         url = f"http://127.0.0.1:{ports[2]}"
+        nginx_worker = nginx_port = None
+        if not args.no_nginx:
+            nginx_port = free_port()
+            if limited:
+                nginx_group = cgroups.make(group_parent, "nginx", args.cpus, None)
+                groups.append(nginx_group)
+                enter_nginx_group = cgroups.joiner(nginx_group)
+            else:
+                enter_nginx_group = os.setsid
+
+            def start_nginx() -> None:
+                enter_nginx_group()
+                if not args.float_instance:
+                    os.sched_setaffinity(0, instance_cpus)
+
+            nginx_master = start("nginx", _nginx_argv(run_dir, nginx_port), None, start_nginx)
+            wait_port(nginx_port)
+            nginx_worker = _only_child(nginx_master.pid)
 
         script = run_dir / "budgets.js"
         script.write_text(K6_SCRIPT)
-        summary_path = run_dir / "k6-summary.json"
-        before = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
-        split_before = {"worker": user_system_s(worker), "dispatcher": user_system_s(dispatcher)}
-        usage_before = cgroups.usage(group) if limited else None
-        recorded_before = _recorded(url)
-        capture = run_dir / "worker.pcap"
-        tcpdump = _start_capture(capture, ports[2])
-        k6 = subprocess.run(
-            [k6_binary(), "run", "--quiet", "--summary-export", str(summary_path),
-             "-e", f"URL={url}", "-e", f"RATE={args.rate}", "-e", f"SECONDS={args.seconds}",
-             str(script)],
-            capture_output=True, text=True,
-            preexec_fn=_on_harness_cpu,
-        )
-        if tcpdump is not None:
-            tcpdump.send_signal(signal.SIGINT)
-            tcpdump.wait(10)
-        if k6.returncode not in (0, 99):
-            print(k6.stdout[-2000:], k6.stderr[-2000:], file=sys.stderr)
-            raise SystemExit("k6 failed")
-        # Let the dispatcher finish the payments still in flight before reading its CPU.
-        deadline = time.monotonic() + 30
-        posted = json.loads(summary_path.read_text())["metrics"]["http_reqs"]["count"]
-        while _recorded(url) - recorded_before < posted and time.monotonic() < deadline:
-            time.sleep(0.1)
-        recorded = _recorded(url) - recorded_before
-        after = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
-        split_after = {"worker": user_system_s(worker), "dispatcher": user_system_s(dispatcher)}
-        usage_after = cgroups.usage(group) if limited else None
+        conditions = {
+            "nproc": os.cpu_count(), "loadavg": os.getloadavg(), "rate": args.rate,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "calibration_ms": round(calibration_ms(), 2),
+            "seconds": args.seconds, "processor_delay_ms": args.delay_ms,
+            "instance_cpus": args.cpus if limited else "unlimited (not root)",
+            "harness_cpu": HARNESS_CPU,
+            "instance_on": "any" if args.float_instance else sorted(instance_cpus),
+            "instance_tree": str(Path(args.instance_tree).resolve()) if args.instance_tree
+            else "the one Python imports",
+        }
+        rounds = []
+        for number in range(args.rounds):
+            targets = ["instance"] if nginx_worker is None else (
+                ["instance", "nginx"] if number % 2 == 0 else ["nginx", "instance"])
+            one_round: dict[str, dict] = {}
+            for target in targets:
+                if target == "instance":
+                    one_round["instance"] = _instance_run(
+                        args, run_dir, script, url, ports[2], worker, dispatcher,
+                        group if limited else None)
+                else:
+                    one_round["nginx"] = _nginx_run(args, run_dir, script, nginx_port,
+                                                    nginx_worker)
+            if "nginx" in one_round:
+                one_round["ratios"] = _ratios(one_round["instance"], one_round["nginx"])
+            rounds.append(one_round)
+            print(f"round {number + 1} of {args.rounds}")
+            _report(one_round)
         time.sleep(1)
         idle_before = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
         time.sleep(5)
         idle_after = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
-
-        metrics = json.loads(summary_path.read_text())["metrics"]
-        duration = metrics["http_req_duration"]
-        statuses = metrics.get("http_req_failed", {})
+        conditions["loadavg_after"] = os.getloadavg()
         result = {
-            "conditions": {
-                "nproc": os.cpu_count(), "loadavg": os.getloadavg(), "rate": args.rate,
-                "calibration_ms": round(calibration_ms(), 2),
-                "seconds": args.seconds, "processor_delay_ms": args.delay_ms,
-                "instance_cpus": args.cpus if limited else "unlimited (not root)",
-                "harness_cpu": HARNESS_CPU,
-                "instance_on": "any" if args.float_instance else sorted(instance_cpus),
-            },
-            "posted": posted,
-            "recorded": recorded,
-            "failed_share": statuses.get("value"),
-            "post_latency_ms": {k: duration[k] for k in ("p(50)", "p(90)", "p(99)", "p(99.9)",
-                                                          "max")},
-            "server_side_ms": _server_side(capture, ports[2]) if tcpdump is not None else None,
-            "dispatcher_cpu_us_per_payment": (after["dispatcher"] - before["dispatcher"])
-            / 1000 / max(recorded, 1),
-            "worker_cpu_us_per_request": (after["worker"] - before["worker"]) / 1000
-            / max(posted, 1),
-            "user_system_us_per_payment": {
-                role: [round((split_after[role][i] - split_before[role][i]) * 1e6
-                             / max(recorded, 1), 1) for i in (0, 1)]
-                for role in split_after
-            },
+            "conditions": conditions,
+            "rounds": rounds,
+            "median": _medians(rounds),
             "idle_cpu_percent": {k: (idle_after[k] - idle_before[k]) / 5e9 * 100
                                  for k in idle_after},
         }
-        if usage_before and usage_after:
-            result["cgroup"] = {k: usage_after[k] - usage_before[k]
-                                for k in ("cpu_s", "nr_periods", "nr_throttled", "throttled_s")}
-        _report(result)
+        print(_conditions_line(conditions))
+        print(f"medians of {len(rounds)} round(s)")
+        _report(result["median"])
+        idle = result["idle_cpu_percent"]
+        print(f"idle CPU                    worker {idle['worker']:.2f} %, dispatcher "
+              f"{idle['dispatcher']:.2f} %")
         out_dir = Path(args.results_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         out = out_dir / f"budgets-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -262,8 +279,158 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        if group:
-            cgroups.remove(group_parent, [group])
+        if groups:
+            cgroups.remove(group_parent, groups)
+
+
+def _drive(args: argparse.Namespace, run_dir: Path, script: Path, url: str, port: int,
+           name: str) -> tuple[dict, dict | None]:
+    """One k6 run at `url` under a capture of `port`: (k6 metrics, server-side latencies)."""
+    summary_path = run_dir / f"k6-summary-{name}.json"
+    capture = run_dir / f"{name}.pcap"
+    tcpdump = _start_capture(capture, port)
+    k6 = subprocess.run(
+        [k6_binary(), "run", "--quiet", "--summary-export", str(summary_path),
+         "-e", f"URL={url}", "-e", f"RATE={args.rate}", "-e", f"SECONDS={args.seconds}",
+         str(script)],
+        capture_output=True, text=True,
+        preexec_fn=_on_harness_cpu,
+    )
+    if tcpdump is not None:
+        tcpdump.send_signal(signal.SIGINT)
+        tcpdump.wait(10)
+    if k6.returncode not in (0, 99):
+        print(k6.stdout[-2000:], k6.stderr[-2000:], file=sys.stderr)
+        raise SystemExit("k6 failed")
+    metrics = json.loads(summary_path.read_text())["metrics"]
+    server = _server_side(capture, port) if tcpdump is not None else None
+    capture.unlink(missing_ok=True)
+    return metrics, server
+
+
+def _client_side(metrics: dict) -> dict:
+    duration = metrics["http_req_duration"]
+    return {
+        "posted": metrics["http_reqs"]["count"],
+        "failed_share": metrics.get("http_req_failed", {}).get("value"),
+        "post_latency_ms": {k: duration[k] for k in ("p(50)", "p(90)", "p(99)", "p(99.9)",
+                                                      "max")},
+    }
+
+
+def _instance_run(args: argparse.Namespace, run_dir: Path, script: Path, url: str, port: int,
+                  worker: int, dispatcher: int, group: dict[str, str] | None) -> dict:
+    before = {"worker": cpu_ns(worker), "dispatcher": cpu_ns(dispatcher)}
+    split_before = {"worker": user_system_s(worker), "dispatcher": user_system_s(dispatcher)}
+    usage_before = cgroups.usage(group) if group else None
+    recorded_before = _recorded(url)
+    metrics, server = _drive(args, run_dir, script, url, port, "instance")
+    worker_after = cpu_ns(worker)  # before the wait below: the worker's share of the run only
+    # Let the dispatcher finish the payments still in flight before reading its CPU.
+    deadline = time.monotonic() + 30
+    posted = metrics["http_reqs"]["count"]
+    while _recorded(url) - recorded_before < posted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    recorded = _recorded(url) - recorded_before
+    after = {"worker": worker_after, "dispatcher": cpu_ns(dispatcher)}
+    split_after = {"worker": user_system_s(worker), "dispatcher": user_system_s(dispatcher)}
+    usage_after = cgroups.usage(group) if group else None
+    result = {
+        **_client_side(metrics),
+        "recorded": recorded,
+        "server_side_ms": server,
+        "dispatcher_cpu_us_per_payment": (after["dispatcher"] - before["dispatcher"])
+        / 1000 / max(recorded, 1),
+        "worker_cpu_us_per_request": (after["worker"] - before["worker"]) / 1000
+        / max(posted, 1),
+        "user_system_us_per_payment": {
+            role: [round((split_after[role][i] - split_before[role][i]) * 1e6
+                         / max(recorded, 1), 1) for i in (0, 1)]
+            for role in split_after
+        },
+    }
+    if usage_before and usage_after:
+        result["cgroup"] = {k: usage_after[k] - usage_before[k]
+                            for k in ("cpu_s", "nr_periods", "nr_throttled", "throttled_s")}
+    return result
+
+
+def _nginx_run(args: argparse.Namespace, run_dir: Path, script: Path, port: int,
+               worker: int) -> dict:
+    before = cpu_ns(worker)
+    metrics, server = _drive(args, run_dir, script, f"http://127.0.0.1:{port}", port, "nginx")
+    after = cpu_ns(worker)
+    return {**_client_side(metrics), "server_side_ms": server,
+            "worker_cpu_us_per_request": (after - before) / 1000
+            / max(metrics["http_reqs"]["count"], 1)}
+
+
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {run}/nginx.pid;
+error_log {run}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {run}/body;
+    proxy_temp_path {run}/proxy;
+    fastcgi_temp_path {run}/fastcgi;
+    uwsgi_temp_path {run}/uwsgi;
+    scgi_temp_path {run}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 202; }}
+    }}
+}}
+"""
+
+
+def _nginx_argv(run_dir: Path, port: int) -> list[str]:
+    """nginx answering every request 202 with an empty body itself: the cheapest answer."""
+    import shutil
+
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    conf = run_dir / "nginx-202.conf"
+    conf.write_text(NGINX_CONF.format(run=run_dir, port=port))
+    return [binary, "-c", str(conf), "-p", str(run_dir)]
+
+
+def _only_child(pid: int) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise TimeoutError("nginx started no worker")
+
+
+def _ratios(instance: dict, nginx: dict) -> dict:
+    """The instance's figures over nginx's of the same round."""
+    ratios = {"worker_cpu": instance["worker_cpu_us_per_request"]
+              / nginx["worker_cpu_us_per_request"]}
+    if instance.get("server_side_ms") and nginx.get("server_side_ms"):
+        for q in ("p(50)", "p(99)", "p(99.9)"):
+            ratios[f"server_{q}"] = instance["server_side_ms"][q] / nginx["server_side_ms"][q]
+    return {k: round(v, 3) for k, v in ratios.items()}
+
+
+def _medians(rounds: list[dict]) -> dict:
+    """The median of every number over the rounds, key by key."""
+    import statistics
+
+    def merge(values: list) -> object:
+        if isinstance(values[0], dict):
+            return {k: merge([v[k] for v in values if v and k in v])
+                    for k in values[0] if all(v and k in v for v in values)}
+        if isinstance(values[0], list):
+            return [merge([v[i] for v in values]) for i in range(len(values[0]))]
+        if isinstance(values[0], (int, float)):
+            return statistics.median(values)
+        return values[0]
+
+    return merge(rounds)
 
 
 def _start_capture(path: Path, port: int) -> subprocess.Popen[bytes] | None:
@@ -314,34 +481,48 @@ def _recorded(url: str) -> int:
     return summary["default"]["totalRequests"] + summary["fallback"]["totalRequests"]
 
 
-def _report(result: dict) -> None:
-    latency = result["post_latency_ms"]
-    c = result["conditions"]
-    print(f"conditions: {c['nproc']} cores, load {c['loadavg'][0]:.2f}, {c['rate']} req/s "
-          f"open loop for {c['seconds']} s, default processor delay {c['processor_delay_ms']} "
-          f"ms, instance CPU limit {c['instance_cpus']} on CPUs {c['instance_on']}, k6, "
-          f"tcpdump and the emulators on CPU {c['harness_cpu']}, machine "
-          f"calibration {c['calibration_ms']} ms (lower is faster)")
-    print(f"posted {result['posted']}, recorded {result['recorded']}")
+def _conditions_line(c: dict) -> str:
+    return (f"conditions: {c['time']}, {c['nproc']} cores, load {c['loadavg'][0]:.2f} before "
+            f"and {c['loadavg_after'][0]:.2f} after, {c['rate']} req/s open loop for "
+            f"{c['seconds']} s, default processor delay {c['processor_delay_ms']} ms, instance "
+            f"(and nginx) CPU limit {c['instance_cpus']} on CPUs {c['instance_on']}, k6, "
+            f"tcpdump and the emulators on CPU {c['harness_cpu']}, machine calibration "
+            f"{c['calibration_ms']} ms (lower is faster), instance from {c['instance_tree']}")
+
+
+def _report(one: dict) -> None:
+    """One round's figures (or their medians): the instance, nginx, their ratios."""
+    result = one["instance"]
+    print(f"posted {result['posted']:.0f}, recorded {result['recorded']:.0f}")
     print(f"dispatcher CPU per payment  {result['dispatcher_cpu_us_per_payment']:8.1f} us "
           "(budget 150)")
     print(f"worker CPU per request      {result['worker_cpu_us_per_request']:8.1f} us")
     split = result["user_system_us_per_payment"]
     print("user/system us per payment  " + ", ".join(
         f"{role} {u:.0f}/{s:.0f}" for role, (u, s) in split.items()))
-    print("POST /payments client ms    " + "  ".join(f"{k} {v:.3f}" for k, v in latency.items()))
-    server = result.get("server_side_ms")
-    if server:
-        print("POST /payments server ms    " + "  ".join(
-            f"{k} {v:.3f}" for k, v in server.items() if k != "requests")
-            + f"  (budget p99 1.0; {server['requests']} requests)")
-    idle = result["idle_cpu_percent"]
-    print(f"idle CPU                    worker {idle['worker']:.2f} %, dispatcher "
-          f"{idle['dispatcher']:.2f} %")
+    for name, figures in (("", result), ("nginx 202 ", one.get("nginx"))):
+        if not figures:
+            continue
+        if name:
+            print(f"nginx 202 worker CPU/request {figures['worker_cpu_us_per_request']:7.1f} us")
+        latency = figures["post_latency_ms"]
+        print(f"{name}POST client ms".ljust(28) + "  ".join(
+            f"{k} {v:.3f}" for k, v in latency.items()))
+        server = figures.get("server_side_ms")
+        if server:
+            print(f"{name}POST server ms".ljust(28) + "  ".join(
+                f"{k} {v:.3f}" for k, v in server.items() if k != "requests")
+                + f"  ({server['requests']:.0f} requests)")
+    ratios = one.get("ratios")
+    if ratios:
+        print("instance / nginx            " + "  ".join(
+            f"{k} {v:.2f}x" for k, v in ratios.items())
+            + "  (target: worker_cpu <= 1.3x; server p99 <= 0.2 ms)")
     if "cgroup" in result:
         g = result["cgroup"]
         print(f"cgroup                      {g['cpu_s']:.2f} CPU-s, throttled "
-              f"{g['nr_throttled']}/{g['nr_periods']} periods ({g['throttled_s']:.3f} s)")
+              f"{g['nr_throttled']:.0f}/{g['nr_periods']:.0f} periods "
+              f"({g['throttled_s']:.3f} s)")
 
 
 if __name__ == "__main__":
