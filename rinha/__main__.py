@@ -1,15 +1,17 @@
 """`rinha`: the command line. `serve` reads as the startup sequence of an instance.
 
   rinha serve                          one instance: supervisor, workers, dispatcher
-  rinha processor --port P --fee F     a payment-processor emulator (CONTEST.md)
+  rinha processor --port P --fee F     a payment-processor emulator
   rinha stack                          the whole contest topology as local processes
+
+`rinha COMMAND --help` tells what each one takes (for serve: the environment variables).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
-import os
 import socket
 import sys
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "serve":
-        return serve()
+        return serve(rest)
     if command == "processor":
         from rinha import emulator
 
@@ -42,13 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def serve() -> int:
+def serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rinha serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run one instance: a supervisor, WORKERS socketify workers answering\n"
+                    "POST /payments and GET /payments-summary on PORT, and one dispatcher\n"
+                    "sending payments to the processors. Configured by the environment only.",
+        epilog="environment variables:\n" + settings_module.describe(),
+    )
+    parser.parse_args(argv)  # --help prints the above and exits; anything else is refused
     try:
         settings = settings_module.load()
     except SettingsError as exc:
         print(f"rinha serve: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.instance_name)
+    _configure_logging(settings)
     log = logging.getLogger("rinha")
     lock = InstanceLock(settings.lock_path)
     try:
@@ -72,16 +82,18 @@ def serve() -> int:
             log.info("peer %s:%d did not answer; starting with the local ledger",
                      *settings.peer_addr)
     children = [
-        ChildSpec(f"worker{i}", lambda: run_worker(settings, resources))
+        ChildSpec(f"worker{i}", lambda slot=i: run_worker(settings, resources, slot), slot=i)
         for i in range(settings.workers)
     ]
-    children.append(
-        ChildSpec("dispatch", lambda: run_dispatcher(settings, resources, sync_socket))
-    )
+    dispatcher_slot = settings.workers
+    children.append(ChildSpec(
+        "dispatch", lambda: run_dispatcher(settings, resources, sync_socket, dispatcher_slot),
+        slot=dispatcher_slot,
+    ))
     log.info("instance %s: %d workers on %s:%d, processors %s and %s", settings.instance_name,
              settings.workers, settings.host, settings.port, *settings.processor_urls)
     try:
-        code = Supervisor(children).run()
+        code = Supervisor(children, resources.heartbeats, settings.heartbeat_timeout_s).run()
     finally:
         drained = resources.is_drained()
         if not drained:
@@ -92,17 +104,18 @@ def serve() -> int:
     return code
 
 
-def run_worker(settings: Settings, resources: Resources) -> None:
+def run_worker(settings: Settings, resources: Resources, slot: int) -> None:
     from rinha.intake import Intake
 
     try:
-        Intake(settings, resources.queue, resources.ledger).serve()
+        Intake(settings, resources.queue, resources.ledger,
+               heartbeat=lambda: resources.heartbeats.beat(slot)).serve()
     except OSError as exc:
         raise BootError(str(exc)) from exc
 
 
 def run_dispatcher(
-    settings: Settings, resources: Resources, sync_socket: socket.socket | None
+    settings: Settings, resources: Resources, sync_socket: socket.socket | None, slot: int
 ) -> None:
     from rinha import cgroups
     from rinha.dispatcher import Dispatcher
@@ -113,7 +126,8 @@ def run_dispatcher(
     if sync_socket is not None:
         peer = PeerSync(settings, resources.ledger, sync_socket,
                         on_health=lambda *report: dispatcher.on_health_report(*report))
-    dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger, peer)
+    dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger, peer,
+                            heartbeat=lambda: resources.heartbeats.beat(slot))
     idle = settings.dispatcher_idle_priority
     if idle is None:
         idle = cgroups.under_cpu_quota()
@@ -130,11 +144,11 @@ def run_dispatcher(
         raise SystemExit("the dispatcher stopped on an unexpected error")
 
 
-def _configure_logging(instance: str) -> None:
-    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format=f"%(asctime)s {instance} %(process)d %(name)s %(levelname)s %(message)s",
+        level=getattr(logging, settings.log_level),
+        format=f"%(asctime)s {settings.instance_name} %(process)d %(name)s %(levelname)s "
+               "%(message)s",
         stream=sys.stderr,
     )
     # httpx logs every request at INFO: the health poll would write a line every 5 s.

@@ -19,6 +19,7 @@ import logging
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 
 import httpx
 import posix_ipc
@@ -26,6 +27,7 @@ import posix_ipc
 from native_ledger._mqueue import receive_into
 from rinha import routing, wire
 from rinha.health import HealthPoller, HealthReport
+from rinha.heartbeat import BEAT_INTERVAL_S
 from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
 from rinha.intake import PURGE_CENTS
 from rinha.ledger import PROCESSOR_NAMES, Ledger
@@ -33,7 +35,6 @@ from rinha.outcomes import (
     CONFIRM,
     DUPLICATE,
     RECORD,
-    RESEND,
     UNKNOWN,
     classify,
     judge_stored,
@@ -60,12 +61,14 @@ class Dispatcher:
         table: HoldingTable,
         ledger: Ledger,
         peer: PeerSync | None = None,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._queue = queue
         self._table = table
         self._ledger = ledger
         self._peer = peer
+        self._heartbeat = heartbeat
         self._circuits = (routing.Circuit(), routing.Circuit())
         self._waiting: deque[HeldPayment] = deque()  # free to go to any processor
         self._pinned: tuple[deque[HeldPayment], deque[HeldPayment]] = (deque(), deque())
@@ -110,6 +113,7 @@ class Dispatcher:
         if self._peer is not None:
             self._peer.start(self._loop)
         self._start_reading_queue()
+        self._beat()
         client = httpx.AsyncClient(transport=self._transport, timeout=5.0)
         if self._settings.health_poll:
             watched = [routing.DEFAULT]
@@ -121,6 +125,13 @@ class Dispatcher:
         self._drain_queue()
         while not self._stopping:
             await asyncio.sleep(3600)
+
+    def _beat(self) -> None:
+        """Tell the supervisor this loop still turns (heartbeat.py)."""
+        if self._heartbeat is not None and not self._stopping:
+            self._heartbeat()
+            assert self._loop is not None
+            self._loop.call_later(BEAT_INTERVAL_S, self._beat)
 
     def stop(self) -> None:
         """SIGTERM: stop taking payments and leave; whatever is held or in flight stays in the

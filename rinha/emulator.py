@@ -784,7 +784,8 @@ def fee_argument(text: str) -> Decimal:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rinha processor",
-        description="Emulate one Rinha de Backend 2025 payment processor (see CONTEST.md).",
+        description="Emulate one Rinha de Backend 2025 payment processor: every endpoint, "
+                    "its delay-then-failure order, 422 on duplicates, the health rate limit.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, required=True, help="port to listen on")

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import posix_ipc
 
 from rinha import wire
+from rinha.heartbeat import BEAT_INTERVAL_S
 from rinha.ledger import Ledger
 from rinha.settings import Settings
 
@@ -111,17 +113,20 @@ class Intake:
     """One worker's HTTP face. Built in the child after fork (a socketify App made before fork
     aborted a child: FINDINGS.md)."""
 
-    def __init__(self, settings: Settings, queue: posix_ipc.MessageQueue, ledger: Ledger) -> None:
+    def __init__(self, settings: Settings, queue: posix_ipc.MessageQueue, ledger: Ledger,
+                 heartbeat: Callable[[], None] | None = None) -> None:
         self._settings = settings
         self._queue = queue
         self._ledger = ledger
+        self._heartbeat = heartbeat  # called about once a second from the loop (heartbeat.py)
         self._routes: list[Any] = []  # the BodyRoutes: alive as long as the app serves
 
     def serve(self) -> None:
         """Listen and run uv's blocking loop until the process is killed."""
-        from socketify import App, AppListenOptions
+        from socketify import App
 
         from rinha.body_route import BodyRoute, NativePaymentRoute
+        from rinha.listening import listen
 
         app = App()
         # The two POST routes read a body: on uWS's C API (body_route.py), not app.post.
@@ -138,15 +143,17 @@ class Intake:
         app.any("/payments-summary", _method_not_allowed)
         app.any("/purge-payments", _method_not_allowed)
         app.any("/*", _not_found)
-        listening: list[bool] = []
-
-        def on_listen(config: Any) -> None:
-            listening.append(True)
-
-        app.listen(AppListenOptions(port=self._settings.port, host=self._settings.host), on_listen)
-        if not listening:
+        if not listen(app, self._settings.host, self._settings.port):
             raise OSError(f"cannot listen on {self._settings.host}:{self._settings.port}")
+        beat_timer = None
+        if self._heartbeat is not None:
+            heartbeat = self._heartbeat
+            heartbeat()
+            interval_ms = int(BEAT_INTERVAL_S * 1000)
+            beat_timer = app.loop.uv_loop.create_timer(interval_ms, interval_ms,
+                                                       lambda _: heartbeat(), None)
         app.loop.uv_loop.run()
+        del beat_timer  # alive as long as the loop runs
 
     # POST /payments ----------------------------------------------------------------------
 

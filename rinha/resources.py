@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import posix_ipc
 
 from rinha import wire
+from rinha.heartbeat import Heartbeats
 from rinha.holding import HoldingTable
 from rinha.ledger import Ledger
 from rinha.settings import Settings
@@ -34,13 +35,14 @@ class Resources:
     queue: posix_ipc.MessageQueue
     ledger: Ledger
     table: HoldingTable
+    heartbeats: Heartbeats
 
     @classmethod
     def open_or_create(cls, settings: Settings) -> Resources:
         queue = _open_queue(settings)
         ledger = _open_ledger(settings)
         table = _open_table(settings)
-        return cls(queue, ledger, table)
+        return cls(queue, ledger, table, Heartbeats.create_or_open(settings.heartbeat_name))
 
     def is_drained(self) -> bool:
         """Nothing waits in the queue and nothing is held: safe to remove everything."""
@@ -50,6 +52,8 @@ class Resources:
         self.queue.close()
         self.ledger.close()
         self.table.close()
+        self.heartbeats.close()
+        Heartbeats.unlink(settings.heartbeat_name)  # nothing in it outlives the supervisor
         if remove:
             unlink_all(settings)
 
@@ -61,6 +65,7 @@ def unlink_all(settings: Settings) -> None:
         pass
     Ledger.unlink(settings.ledger_name)
     HoldingTable.unlink(settings.holding_name)
+    Heartbeats.unlink(settings.heartbeat_name)
 
 
 def _open_queue(settings: Settings) -> posix_ipc.MessageQueue:

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
@@ -52,6 +52,8 @@ class Settings:
     sync_recover_timeout_s: float
     sync_drop_rate: float
     admin_token: str | None
+    heartbeat_timeout_s: float  # 0: hung children are not looked for
+    log_level: str
 
     @property
     def queue_name(self) -> str:
@@ -66,6 +68,10 @@ class Settings:
         return f"/rinha-{self.instance_name}-holding"
 
     @property
+    def heartbeat_name(self) -> str:
+        return f"/rinha-{self.instance_name}-heartbeat"
+
+    @property
     def lock_path(self) -> str:
         return f"/dev/shm/rinha-{self.instance_name}.lock"
 
@@ -75,41 +81,92 @@ class Settings:
         return (self.processor_default_url, self.processor_fallback_url)
 
 
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: the field it fills, its default, how it is read, and what it
+    means (printed by `rinha serve --help`; the README's table says the same)."""
+
+    name: str
+    field: str
+    default: str
+    parse: Callable[[str], Any]
+    meaning: str
+
+
+def _variables() -> tuple[Variable, ...]:
+    v = Variable
+    return (
+        v("INSTANCE_NAME", "instance_name", "rinha", _instance_name,
+          "names the queue, segments and lock; one running instance per name"),
+        v("HOST", "host", "0.0.0.0", str, "where the workers listen"),
+        v("PORT", "port", "8080", _port, "the workers' port (SO_REUSEPORT)"),
+        v("WORKERS", "workers", "1", _int_between(1, 64), "socketify worker processes"),
+        v("PROCESSOR_DEFAULT_URL", "processor_default_url", CONTEST_DEFAULT_URL, _http_url,
+          "the 5 % processor"),
+        v("PROCESSOR_FALLBACK_URL", "processor_fallback_url", CONTEST_FALLBACK_URL, _http_url,
+          "the 15 % processor"),
+        v("QUEUE_MAX_MESSAGES", "queue_max_messages", "1000", _int_between(1, 65536),
+          "kernel queue length (needs fs.mqueue.msg_max at least this)"),
+        v("HOLD_CAPACITY", "hold_capacity", "65536", _int_between(16, 4_194_304),
+          "holding-table slots (64 B each): payments accepted and not yet recorded"),
+        v("LEDGER_SECONDS", "ledger_seconds", "131072", _power_of_two_at_least(1024),
+          "seconds the ledger ring keeps (a power of two)"),
+        v("DISPATCH_CONCURRENCY", "dispatch_concurrency", "64", _int_between(1, 1024),
+          "requests in flight to the processors"),
+        v("DISPATCH_BATCH_S", "dispatch_batch_s", "0.01", _float_between(0, 1),
+          "while events keep coming, the dispatcher wakes at most this often (0: each)"),
+        v("DISPATCHER_IDLE_PRIORITY", "dispatcher_idle_priority", "auto", _bool_or_auto,
+          "run the dispatcher under SCHED_IDLE; auto: only under a CPU quota"),
+        v("DRAIN_RATE_PER_S", "drain_rate_per_s", "1200", _int_between(1, 1_000_000),
+          "at most this many sends start per second"),
+        v("FALLBACK_AFTER_S", "fallback_after_s", "0", _float_between(0, 86400),
+          "send a payment held this long to the fallback (0: never)"),
+        v("REQUEST_TIMEOUT_S", "request_timeout_s", "10", _float_between(0.05, 600),
+          "a processor reply later than this is an unknown outcome"),
+        v("RETRY_BACKOFF_MIN_S", "retry_backoff_min_s", "0.05", _float_between(0.001, 60),
+          "shortest probe spacing while a processor fails"),
+        v("RETRY_BACKOFF_MAX_S", "retry_backoff_max_s", "0.5", _float_between(0.001, 600),
+          "longest probe spacing while a processor fails"),
+        v("HEALTH_POLL", "health_poll", "1", _bool,
+          "poll service-health here (1 on exactly one instance of a pair)"),
+        v("HEALTH_INTERVAL_S", "health_interval_s", "5", _float_between(5, 3600),
+          "health poll period (the processors allow one call per 5 s)"),
+        v("PEER_ADDR", "peer_addr", "", _optional_host_port,
+          "the peer's host:port for UDP sync (empty: alone)"),
+        v("SYNC_HOST", "sync_host", "0.0.0.0", str, "where sync datagrams are received"),
+        v("SYNC_PORT", "sync_port", "9000", _port, "the sync UDP port"),
+        v("SYNC_RESEND_S", "sync_resend_s", "1", _float_between(0.05, 3600),
+          "period of the healing resend"),
+        v("SYNC_RECOVER_TIMEOUT_S", "sync_recover_timeout_s", "1", _float_between(0.1, 60),
+          "how long a starting instance waits for its peer's recovery answer"),
+        v("SYNC_DROP_RATE", "sync_drop_rate", "0", _float_between(0, 1),
+          "test-only fault: drop this share of outgoing sync datagrams"),
+        v("RINHA_ADMIN_TOKEN", "admin_token", "", _optional_text,
+          "if set, POST /purge-payments requires it in X-Rinha-Token"),
+        v("HEARTBEAT_TIMEOUT_S", "heartbeat_timeout_s", "10", _off_or_at_least(2, 3600),
+          "replace a child whose loop has not turned for this long of its own time (0: off)"),
+        v("LOG_LEVEL", "log_level", "INFO", _log_level,
+          "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    )
+
+
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from the environment (os.environ unless given)."""
     env = os.environ if environ is None else environ
     read = _Reader(env)
-    settings = Settings(
-        instance_name=read("INSTANCE_NAME", "rinha", _instance_name),
-        host=read("HOST", "0.0.0.0", str),
-        port=read("PORT", "8080", _port),
-        workers=read("WORKERS", "1", _int_between(1, 64)),
-        processor_default_url=read("PROCESSOR_DEFAULT_URL", CONTEST_DEFAULT_URL, _http_url),
-        processor_fallback_url=read("PROCESSOR_FALLBACK_URL", CONTEST_FALLBACK_URL, _http_url),
-        queue_max_messages=read("QUEUE_MAX_MESSAGES", "1000", _int_between(1, 65536)),
-        hold_capacity=read("HOLD_CAPACITY", "65536", _int_between(16, 4_194_304)),
-        ledger_seconds=read("LEDGER_SECONDS", "131072", _power_of_two_at_least(1024)),
-        dispatch_concurrency=read("DISPATCH_CONCURRENCY", "64", _int_between(1, 1024)),
-        dispatch_batch_s=read("DISPATCH_BATCH_S", "0.01", _float_between(0, 1)),
-        dispatcher_idle_priority=read("DISPATCHER_IDLE_PRIORITY", "auto", _bool_or_auto),
-        drain_rate_per_s=read("DRAIN_RATE_PER_S", "1200", _int_between(1, 1_000_000)),
-        fallback_after_s=read("FALLBACK_AFTER_S", "0", _float_between(0, 86400)),
-        request_timeout_s=read("REQUEST_TIMEOUT_S", "10", _float_between(0.05, 600)),
-        retry_backoff_min_s=read("RETRY_BACKOFF_MIN_S", "0.05", _float_between(0.001, 60)),
-        retry_backoff_max_s=read("RETRY_BACKOFF_MAX_S", "0.5", _float_between(0.001, 600)),
-        health_poll=read("HEALTH_POLL", "1", _bool),
-        health_interval_s=read("HEALTH_INTERVAL_S", "5", _float_between(5, 3600)),
-        peer_addr=read("PEER_ADDR", "", _optional_host_port),
-        sync_host=read("SYNC_HOST", "0.0.0.0", str),
-        sync_port=read("SYNC_PORT", "9000", _port),
-        sync_resend_s=read("SYNC_RESEND_S", "1", _float_between(0.05, 3600)),
-        sync_recover_timeout_s=read("SYNC_RECOVER_TIMEOUT_S", "1", _float_between(0.1, 60)),
-        sync_drop_rate=read("SYNC_DROP_RATE", "0", _float_between(0, 1)),
-        admin_token=env.get("RINHA_ADMIN_TOKEN") or None,
-    )
+    settings = Settings(**{v.field: read(v.name, v.default, v.parse) for v in VARIABLES})
     if settings.retry_backoff_min_s > settings.retry_backoff_max_s:
         raise SettingsError("RETRY_BACKOFF_MIN_S must not exceed RETRY_BACKOFF_MAX_S")
     return settings
+
+
+def describe() -> str:
+    """Every variable with its default and meaning, for `rinha serve --help`."""
+    width = max(len(v.name) for v in VARIABLES)
+    return "\n".join(
+        f"  {v.name:<{width}}  {v.meaning} (default: {v.default or 'empty'})"
+        for v in VARIABLES
+    )
 
 
 class _Reader:
@@ -154,6 +211,21 @@ def _float_between(low: float, high: float) -> Callable[[str], float]:
 _port = _int_between(1, 65535)
 
 
+def _off_or_at_least(low: float, high: float) -> Callable[[str], float]:
+    # Children beat about once a second: a timeout under two beats would kill healthy ones.
+    between = _float_between(low, high)
+
+    def parse(raw: str) -> float:
+        if float(raw) == 0:
+            return 0.0
+        try:
+            return between(raw)
+        except ValueError:
+            raise ValueError(f"must be 0 (off) or between {low} and {high}") from None
+
+    return parse
+
+
 def _power_of_two_at_least(low: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         value = int(raw)
@@ -193,6 +265,20 @@ def _http_url(raw: str) -> str:
     return raw.rstrip("/")
 
 
+def _optional_text(raw: str) -> str | None:
+    return raw or None
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"use one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
 def _optional_host_port(raw: str) -> tuple[str, int] | None:
     if not raw:
         return None
@@ -200,3 +286,6 @@ def _optional_host_port(raw: str) -> tuple[str, int] | None:
     if not sep or not host:
         raise ValueError("must be host:port, e.g. api2:9000")
     return host, _port(port)
+
+
+VARIABLES = _variables()

@@ -7,6 +7,11 @@ docker-compose.yml mounts. The instances get the environment compose gives them,
 addresses. With `--limits contest` (root only) each API instance and nginx run in cgroups (v1)
 holding the CPU and memory that docker-compose.yml gives them, read from that file, so the
 local run and the submission cannot drift apart.
+
+It keeps them running as compose's `restart: unless-stopped` would: a child that exits is
+started again (at most RESTARTS_PER_WINDOW times in RESTART_WINDOW_S, then the stack stops).
+SIGTERM, SIGINT and SIGHUP stop everything; every child dies with the stack even if the stack
+is killed with SIGKILL (PR_SET_PDEATHSIG: the children get SIGTERM and stop their own).
 """
 
 from __future__ import annotations
@@ -20,16 +25,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rinha import cgroups, compose_limits
+from rinha import cgroups, compose_limits, prctl
 from rinha.nginx_conf import render_local
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
+RESTART_WINDOW_S = 60.0
+RESTARTS_PER_WINDOW = 5
 
 
 @dataclass
@@ -41,30 +49,55 @@ class Child:
     cgroup: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen[bytes] | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    ports: list[tuple[str, int, int]] = field(default_factory=list)  # host, port, socket type
+    restarts: list[float] = field(default_factory=list)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help text without breaking file names such as docker-compose.yml at the hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rinha stack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="rinha stack", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--limits", choices=("off", "contest"), default="off",
                         help="contest: hold each service to its docker-compose.yml limits "
                              "with cgroups (needs root)")
     parser.add_argument("--run-dir", help="where logs, nginx.conf and stack.json go "
                                           "(default: a new temporary directory)")
-    parser.add_argument("--compose", default=str(REPO_ROOT / "docker-compose.yml"))
-    parser.add_argument("--nginx-conf", default=str(REPO_ROOT / "nginx.conf"))
-    parser.add_argument("--port", type=int, default=9999, help="nginx's port")
-    parser.add_argument("--api-ports", default="9001,9002")
-    parser.add_argument("--sync-ports", default="9101,9102")
-    parser.add_argument("--processor-ports", default="8001,8002")
+    parser.add_argument("--compose", default=str(REPO_ROOT / "docker-compose.yml"),
+                        help="the compose file whose API environment and limits the stack "
+                             "uses (default: the repository's docker-compose.yml)")
+    parser.add_argument("--nginx-conf", default=str(REPO_ROOT / "nginx.conf"),
+                        help="the nginx.conf to render for local addresses (default: the "
+                             "repository's nginx.conf, the one compose mounts)")
+    parser.add_argument("--port", type=int, default=9999, help="nginx's port (default 9999)")
+    parser.add_argument("--api-ports", default="9001,9002",
+                        help="HTTP ports of api1,api2 (default 9001,9002)")
+    parser.add_argument("--sync-ports", default="9101,9102",
+                        help="UDP sync ports of api1,api2 (default 9101,9102)")
+    parser.add_argument("--processor-ports", default="8001,8002",
+                        help="ports of the default,fallback emulators (default 8001,8002; "
+                             "not used for a processor whose PROCESSOR_*_URL is set)")
     parser.add_argument("--instance-prefix", default="stack",
                         help="INSTANCE_NAME of the APIs is PREFIX-api1 / PREFIX-api2")
     return parser
+
+
+class PortsTaken(RuntimeError):
+    """A port the stack needs is held by someone else."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         stack = Stack.plan(args)
+    except PortsTaken as exc:
+        print(f"rinha stack: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:
         print(f"rinha stack: {exc}", file=sys.stderr)
         return 2
@@ -107,7 +140,7 @@ class Stack:
             children.append(Child(
                 f"processor-{role}",
                 [sys.executable, "-m", "rinha", "processor", "--port", str(port), "--fee", fee],
-                {}, url,
+                {}, url, ports=[("127.0.0.1", port, socket.SOCK_STREAM)],
             ))
 
         apis = compose_limits.api_services(compose)
@@ -130,6 +163,8 @@ class Stack:
                 name, [sys.executable, "-m", "rinha", "serve"], env,
                 f"http://127.0.0.1:{api_ports[index]}",
                 extra={"instance_name": env["INSTANCE_NAME"]},
+                ports=[("127.0.0.1", api_ports[index], socket.SOCK_STREAM),
+                       ("127.0.0.1", sync_ports[index], socket.SOCK_DGRAM)],
             ))
 
         conf = render_local(
@@ -142,7 +177,18 @@ class Stack:
         children.append(Child(
             "nginx", [nginx_binary, "-p", f"{run_dir}/", "-e", "stderr", "-c", str(conf_path)],
             {}, f"http://127.0.0.1:{args.port}",
+            ports=[("127.0.0.1", args.port, socket.SOCK_STREAM)],
         ))
+        # Before anything starts: a port someone holds (most often another stack) would let
+        # this one print "ready" and then die, or worse, share a port through SO_REUSEPORT.
+        taken = [f"{port} ({'udp' if kind == socket.SOCK_DGRAM else 'tcp'})"
+                 for child in children for host, port, kind in child.ports
+                 if not _port_free(host, port, kind)]
+        if taken:
+            raise PortsTaken(
+                f"ports already in use: {', '.join(taken)}. Another rinha stack (or another "
+                "program) holds them: stop it, or move this one with --port, --api-ports, "
+                "--sync-ports and --processor-ports")
 
         cgroup_parent = None
         if args.limits == "contest":
@@ -156,8 +202,8 @@ class Stack:
         return cls(children, run_dir, args.limits, cgroup_parent)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signo, self._on_signal)
         try:
             for child in self.children:
                 self._start(child)
@@ -170,9 +216,7 @@ class Stack:
             return_code = 0
             while not self._stopping:
                 exited = self._exited_child()
-                if exited is not None:
-                    print(f"rinha stack: {exited.name} exited with {exited.popen.returncode};"
-                          f" see {self.run_dir / (exited.name + '.log')}", file=sys.stderr)
+                if exited is not None and not self._restart(exited):
                     return_code = 1
                     break
                 time.sleep(0.5)
@@ -182,6 +226,25 @@ class Stack:
         finally:
             self.stop()
         return return_code
+
+    def _restart(self, child: Child) -> bool:
+        """Start an exited child again, as `restart: unless-stopped` would; False once it
+        has exited too often to keep trying."""
+        assert child.popen is not None
+        log = self.run_dir / f"{child.name}.log"
+        _signal_session(child, signal.SIGKILL)  # whatever it left behind in its session
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(child.restarts) > RESTARTS_PER_WINDOW:
+            print(f"rinha stack: {child.name} exited {len(child.restarts)} times in "
+                  f"{RESTART_WINDOW_S:.0f} s (last: {child.popen.returncode}); stopping. "
+                  f"See {log}", file=sys.stderr)
+            return False
+        print(f"rinha stack: {child.name} exited with {child.popen.returncode}; restarting "
+              f"it (see {log})", file=sys.stderr, flush=True)
+        self._start(child)
+        self._write_description()
+        return True
 
     def _exited_child(self) -> Child | None:
         for child in self.children:
@@ -193,10 +256,19 @@ class Stack:
         self._stopping = True
 
     def _start(self, child: Child) -> None:
-        log = open(self.run_dir / f"{child.name}.log", "wb")
+        log = open(self.run_dir / f"{child.name}.log", "ab")
+        enter_cgroups = cgroups.joiner(child.cgroup)
+        stack_pid = os.getpid()
+
+        def before_exec() -> None:
+            enter_cgroups()
+            # SIGTERM, so that each child stops its own children (nginx its workers, an
+            # instance its workers and dispatcher) when the stack is gone.
+            prctl.die_with_parent(stack_pid, signal.SIGTERM)
+
         child.popen = subprocess.Popen(
             child.argv, env={**os.environ, **child.env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=cgroups.joiner(child.cgroup),
+            stdin=subprocess.DEVNULL, preexec_fn=before_exec,
         )
         log.close()
 
@@ -296,6 +368,17 @@ def _answers(url: str, path: str | None) -> bool:
         return False
     finally:
         connection.close()
+
+
+def _port_free(host: str, port: int, kind: int) -> bool:
+    """Whether nobody listens (TCP) or is bound (UDP) there: a plain bind, no SO_REUSEPORT."""
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -4,12 +4,14 @@ The process `rinha serve` runs as. Before forking it takes the instance lock, ch
 one else listens on the port, and creates (or, after a crash, reopens) the queue, the ledger
 and the holding table; the children inherit them. It waits for signals without polling:
 SIGCHLD, SIGTERM and SIGINT are blocked and collected with sigtimedwait, then dispatched to a
-handle_<name> method. A dead child is replaced in its own slot.
+handle_<name> method. A dead child is replaced in its own slot; so is a hung one, whose
+heartbeat has been silent for HEARTBEAT_TIMEOUT_S of its own time (heartbeat.py), as gunicorn
+replaces a worker that stopped notifying its arbiter. Every child dies with the supervisor
+(PR_SET_PDEATHSIG), so a supervisor killed with SIGKILL orphans nothing.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -20,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rinha import prctl
+from rinha.heartbeat import Heartbeats, Silence, run_delay_ns
 from rinha.resources import StartupError
 
 log = logging.getLogger("rinha.supervisor")
@@ -32,7 +36,9 @@ STOP_GRACE_S = 3.0
 RESTART_WINDOW_S = 10.0
 RESTARTS_PER_WINDOW = 20
 
-_HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+# Signals the supervisor waits for; SIGHUP (the terminal went away) stops it like SIGTERM.
+_HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+CHECK_INTERVAL_S = 1.0
 
 
 class BootError(RuntimeError):
@@ -45,13 +51,18 @@ class ChildSpec:
 
     role: str
     target: Callable[[], None]
+    slot: int = 0  # its heartbeat slot
     pid: int | None = None
     restarts: list[float] = field(default_factory=list)
+    silence: Silence | None = None
 
 
 class Supervisor:
-    def __init__(self, children: list[ChildSpec]) -> None:
+    def __init__(self, children: list[ChildSpec], heartbeats: Heartbeats | None = None,
+                 heartbeat_timeout_s: float = 0.0) -> None:
         self._children = children
+        self._heartbeats = heartbeats
+        self._heartbeat_timeout_s = heartbeat_timeout_s
         self._should_exit = False
         self._exit_code = 0
 
@@ -60,9 +71,10 @@ class Supervisor:
         for child in self._children:
             self.spawn_child(child)
         while not self._should_exit:
-            info = signal.sigtimedwait(_HANDLED, 60)
+            info = signal.sigtimedwait(_HANDLED, CHECK_INTERVAL_S)
             if info is not None:
                 getattr(self, f"handle_{signal.Signals(info.si_signo).name.lower()}")()
+            self.kill_hung_children()
         self.stop_children()
         return self._exit_code
 
@@ -73,6 +85,7 @@ class Supervisor:
         self._should_exit = True
 
     handle_sigint = handle_sigterm
+    handle_sighup = handle_sigterm
 
     def handle_sigchld(self) -> None:
         self.reap_children()
@@ -80,11 +93,33 @@ class Supervisor:
     # Children ------------------------------------------------------------------------------
 
     def spawn_child(self, child: ChildSpec) -> None:
+        beat = self._heartbeats.last(child.slot) if self._heartbeats is not None else 0
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _run_child(child)  # never returns
+            _run_child(child, parent)  # never returns
         child.pid = pid
+        child.silence = Silence(time.monotonic_ns(), beat)
         log.info("%s started, pid %d", child.role, pid)
+
+    def kill_hung_children(self) -> None:
+        """SIGKILL a child whose heartbeat has been silent too long in its own time; it is then
+        reaped and restarted like a crashed one (and counts towards the restart limit)."""
+        if self._heartbeats is None or not self._heartbeat_timeout_s or self._should_exit:
+            return
+        now = time.monotonic_ns()
+        for child in self._children:
+            if child.pid is None or child.silence is None:
+                continue
+            run_delay = run_delay_ns(child.pid)
+            if run_delay is None:
+                continue  # exiting: SIGCHLD will tell
+            silent_s = child.silence.observe(now, self._heartbeats.last(child.slot), run_delay)
+            if silent_s > self._heartbeat_timeout_s:
+                log.error("%s (pid %d) has not turned its loop for %.1f s of its own time; "
+                          "killing it to replace it", child.role, child.pid, silent_s)
+                _kill(child.pid, signal.SIGKILL)
+                child.silence = None  # once: the restart brings a new watch
 
     def reap_children(self) -> None:
         while True:
@@ -149,17 +184,21 @@ def _kill(pid: int | None, signo: int) -> None:
         pass
 
 
-def _run_child(child: ChildSpec) -> None:
+def _run_child(child: ChildSpec, parent: int) -> None:
     """The child side of fork: ALWAYS ends in os._exit, never back in the supervisor's loop."""
     code = CHILD_CRASHED
     try:
+        # SIGKILL, not SIGTERM: a worker in uv_run never runs a Python handler, and whatever
+        # the dispatcher held is in the holding table for the next instance of this name.
+        prctl.die_with_parent(parent, signal.SIGKILL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         # SIGTERM keeps its default action in workers: a Python handler never runs while a
         # worker sits in uv_run (FINDINGS.md). Ctrl-C is the supervisor's to coordinate.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _set_process_name(f"rinha-{child.role}")
+        prctl.set_process_name(f"rinha-{child.role}")
         child.target()
         code = CHILD_OK
     except BootError as exc:
@@ -170,19 +209,6 @@ def _run_child(child: ChildSpec) -> None:
     finally:
         logging.shutdown()
         os._exit(code)
-
-
-def _set_process_name(name: str) -> None:
-    """Name the child in `ps -o comm` and /proc/PID/comm, so operators (and the tests) can tell
-    the dispatcher from a worker: all children share the supervisor's command line."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except OSError:
-        pass
-
-
-_PR_SET_NAME = 15
 
 
 class InstanceLock:

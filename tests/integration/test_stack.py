@@ -106,3 +106,78 @@ def test_contest_limits_come_from_docker_compose(tmp_path):
         assert stop(stack) == 0
     for paths in described["cgroups"].values():
         assert not any(Path(p).exists() for p in paths.values())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc/PID/task/*/children."""
+    found, pending = [], [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            pending += children
+    return found
+
+
+def test_a_dead_instance_is_restarted_a_second_stack_is_refused_and_sighup_stops_all(tmp_path):
+    stack, port = start_stack(tmp_path)
+    try:
+        wait_ready(stack)
+        described = json.loads((tmp_path / "stack.json").read_text())
+        url = f"http://127.0.0.1:{port}"
+        # A second stack on the same ports refuses before starting anything.
+        second_dir = tmp_path / "second"
+        second = subprocess.run(
+            [sys.executable, "-m", "rinha", "stack", "--run-dir", str(second_dir),
+             *stack.args[6:]], capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "Another rinha stack" in second.stderr
+        assert "ready" not in second.stdout
+        assert not list(second_dir.glob("*.log"))  # nothing was started
+        # Kill one instance's supervisor outright: the stack starts it again.
+        api1 = described["instances"]["api1"]["pid"]
+        others = [described["nginx"]["pid"], described["instances"]["api2"]["pid"],
+                  *(p["pid"] for p in described["processors"].values())]
+        os.kill(api1, signal.SIGKILL)
+        wait_until(lambda: json.loads((tmp_path / "stack.json").read_text())
+                   ["instances"]["api1"]["pid"] != api1, 15)
+        api1_url = described["instances"]["api1"]["url"]
+        wait_until(lambda: post_payments(api1_url, 1) == [202], 15)  # it serves again
+        # Through nginx, a request may meet a connection to the killed instance and fail (a
+        # POST that may have reached an instance is never replayed): every 202 must be
+        # counted, once.
+        accepted = 1 + post_payments(url, 100).count(202)
+        assert accepted > 1
+        admin = {"X-Rinha-Token": "123"}
+        processor = described["processors"]["default"]["url"] + "/admin/payments-summary"
+        wait_until(lambda: httpx.get(processor, headers=admin).json()["totalRequests"]
+                   == accepted, 15)
+        wait_until(lambda: httpx.get(url + "/payments-summary").json()["default"]
+                   ["totalRequests"] == accepted, 15)
+        assert all(alive(pid) for pid in others)  # nothing else was touched
+        assert stack.poll() is None
+        everything = descendants(stack.pid)
+        stack.send_signal(signal.SIGHUP)
+        assert stack.wait(20) == 0
+        assert not any(alive(pid) for pid in everything)
+    finally:
+        if stack.poll() is None:
+            stop(stack)
+
+
+def test_a_stack_killed_with_sigkill_leaves_no_process_behind(tmp_path):
+    stack, port = start_stack(tmp_path)
+    try:
+        wait_ready(stack)
+        everything = descendants(stack.pid)
+        assert len(everything) >= 8  # 2 emulators, nginx + worker, 2 x (supervisor + 2 children)
+        stack.send_signal(signal.SIGKILL)
+        stack.wait()
+        wait_until(lambda: not any(alive(pid) for pid in everything), 15)
+    finally:
+        if stack.poll() is None:
+            stop(stack)

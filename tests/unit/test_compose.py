@@ -272,3 +272,8 @@ def test_each_api_syncs_with_the_other_and_one_polls_health(compose: Compose) ->
     assert apis["api2"].peer_addr == ("api1", apis["api1"].sync_port)
     # The processors allow one service-health call per 5 s for all callers together.
     assert [name for name, s in apis.items() if s.health_poll] == ["api1"]
+
+
+def test_every_service_comes_back_after_a_crash(compose: Compose) -> None:
+    for name, service in compose["services"].items():
+        assert service.get("restart") == "unless-stopped", name

@@ -38,6 +38,8 @@ def test_defaults_with_an_empty_environment() -> None:
         "sync_recover_timeout_s": 1.0,
         "sync_drop_rate": 0.0,
         "admin_token": None,
+        "heartbeat_timeout_s": 10.0,
+        "log_level": "INFO",
     }
 
 
@@ -98,6 +100,11 @@ def test_load_reads_os_environ_when_given_nothing(monkeypatch: pytest.MonkeyPatc
         ("SYNC_DROP_RATE", "1", "sync_drop_rate", 1.0),
         ("RINHA_ADMIN_TOKEN", "s3cret", "admin_token", "s3cret"),
         ("RINHA_ADMIN_TOKEN", "", "admin_token", None),
+        ("HEARTBEAT_TIMEOUT_S", "0", "heartbeat_timeout_s", 0.0),
+        ("HEARTBEAT_TIMEOUT_S", "2", "heartbeat_timeout_s", 2.0),
+        ("HEARTBEAT_TIMEOUT_S", "30", "heartbeat_timeout_s", 30.0),
+        ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("LOG_LEVEL", "WARNING", "log_level", "WARNING"),
     ],
 )
 def test_every_variable_is_parsed(variable: str, raw: str, field: str, value: object) -> None:
@@ -159,6 +166,11 @@ def test_every_variable_is_parsed(variable: str, raw: str, field: str, value: ob
         ("INSTANCE_NAME", ""),
         ("INSTANCE_NAME", "a b"),
         ("INSTANCE_NAME", "x" * 41),
+        ("HEARTBEAT_TIMEOUT_S", "1.9"),
+        ("HEARTBEAT_TIMEOUT_S", "-1"),
+        ("HEARTBEAT_TIMEOUT_S", "3601"),
+        ("LOG_LEVEL", "bogus"),
+        ("LOG_LEVEL", "WARN"),
     ],
 )
 def test_a_bad_value_raises_naming_the_variable(variable: str, raw: str) -> None:
