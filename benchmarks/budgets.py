@@ -103,6 +103,12 @@ def cpu_ns(pid: int) -> int:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
+def wait_ns(pid: int) -> int:
+    """Time one process has spent runnable but waiting for a CPU so far, in ns (second field of
+    /proc/PID/schedstat): what a busy machine adds to the latency tail."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1])
+
+
 def user_system_s(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of one process so far (/proc/PID/stat, clock ticks)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -324,8 +330,10 @@ def _instance_run(args: argparse.Namespace, run_dir: Path, script: Path, url: st
     split_before = {"worker": user_system_s(worker), "dispatcher": user_system_s(dispatcher)}
     usage_before = cgroups.usage(group) if group else None
     recorded_before = _recorded(url)
+    wait_before = wait_ns(worker)
     metrics, server = _drive(args, run_dir, script, url, port, "instance")
     worker_after = cpu_ns(worker)  # before the wait below: the worker's share of the run only
+    wait_after = wait_ns(worker)
     # Let the dispatcher finish the payments still in flight before reading its CPU.
     deadline = time.monotonic() + 30
     posted = metrics["http_reqs"]["count"]
@@ -343,6 +351,7 @@ def _instance_run(args: argparse.Namespace, run_dir: Path, script: Path, url: st
         / 1000 / max(recorded, 1),
         "worker_cpu_us_per_request": (after["worker"] - before["worker"]) / 1000
         / max(posted, 1),
+        "worker_wait_us_per_request": (wait_after - wait_before) / 1000 / max(posted, 1),
         "user_system_us_per_payment": {
             role: [round((split_after[role][i] - split_before[role][i]) * 1e6
                          / max(recorded, 1), 1) for i in (0, 1)]
@@ -357,12 +366,13 @@ def _instance_run(args: argparse.Namespace, run_dir: Path, script: Path, url: st
 
 def _nginx_run(args: argparse.Namespace, run_dir: Path, script: Path, port: int,
                worker: int) -> dict:
-    before = cpu_ns(worker)
+    before, wait_before = cpu_ns(worker), wait_ns(worker)
     metrics, server = _drive(args, run_dir, script, f"http://127.0.0.1:{port}", port, "nginx")
-    after = cpu_ns(worker)
+    after, wait_after = cpu_ns(worker), wait_ns(worker)
+    requests = max(metrics["http_reqs"]["count"], 1)
     return {**_client_side(metrics), "server_side_ms": server,
-            "worker_cpu_us_per_request": (after - before) / 1000
-            / max(metrics["http_reqs"]["count"], 1)}
+            "worker_cpu_us_per_request": (after - before) / 1000 / requests,
+            "worker_wait_us_per_request": (wait_after - wait_before) / 1000 / requests}
 
 
 NGINX_CONF = """worker_processes 1;
@@ -496,7 +506,8 @@ def _report(one: dict) -> None:
     print(f"posted {result['posted']:.0f}, recorded {result['recorded']:.0f}")
     print(f"dispatcher CPU per payment  {result['dispatcher_cpu_us_per_payment']:8.1f} us "
           "(budget 150)")
-    print(f"worker CPU per request      {result['worker_cpu_us_per_request']:8.1f} us")
+    print(f"worker CPU per request      {result['worker_cpu_us_per_request']:8.1f} us "
+          f"(and {result['worker_wait_us_per_request']:.1f} us waiting for a CPU)")
     split = result["user_system_us_per_payment"]
     print("user/system us per payment  " + ", ".join(
         f"{role} {u:.0f}/{s:.0f}" for role, (u, s) in split.items()))
@@ -504,7 +515,8 @@ def _report(one: dict) -> None:
         if not figures:
             continue
         if name:
-            print(f"nginx 202 worker CPU/request {figures['worker_cpu_us_per_request']:7.1f} us")
+            print(f"nginx 202 worker CPU/request {figures['worker_cpu_us_per_request']:7.1f} us "
+                  f"(and {figures['worker_wait_us_per_request']:.1f} us waiting for a CPU)")
         latency = figures["post_latency_ms"]
         print(f"{name}POST client ms".ljust(28) + "  ".join(
             f"{k} {v:.3f}" for k, v in latency.items()))
