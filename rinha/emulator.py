@@ -21,6 +21,9 @@ processor (zanfranceschi/rinha-de-backend-2025-payment-processor, ``Endpoints.cs
 * Smaller habits of the real ASP.NET app, kept so a client that only works against this
   emulator also works against the real one: JSON bodies need ``Content-Type:
   application/json`` (415 otherwise), and ``PUT /admin/configurations/token`` answers 204.
+* One endpoint the real processor does not have, for tests and benchmarks to see what a backend
+  did: ``GET /admin/counters`` (token required), how many POST /payments, GET /payments/{id}
+  and service-health calls arrived since start or the last purge.
 
 The HTTP/1.1 server is a small asyncio.Protocol (keep-alive, Content-Length bodies, pipelined
 requests answered in order); anything it cannot parse closes the connection.
@@ -364,6 +367,7 @@ class Processor:
         self.payments_limiter = ConcurrencyLimiter(PAYMENTS_IN_FLIGHT_MAX, PAYMENTS_QUEUED_MAX)
         self.health_limiter = WindowLimiter(health_window_s, HEALTH_QUEUED_MAX)
         self.health_retry_after = f"Retry-After: {max(1, round(health_window_s))}"
+        self.counters = collections.Counter()  # emulator-only: GET /admin/counters
         self.routes = {
             "/payments": ("POST", self.post_payment),
             "/payments/service-health": ("GET", self.get_service_health),
@@ -372,6 +376,7 @@ class Processor:
             "/admin/configurations/failure": ("PUT", self.put_failure),
             "/admin/configurations/token": ("PUT", self.put_token),
             "/admin/purge-payments": ("POST", self.post_purge),
+            "/admin/counters": ("GET", self.get_counters),
         }
 
     def handle(self, request: Request) -> Reply | Awaitable[Reply]:
@@ -395,6 +400,7 @@ class Processor:
     # -- POST /payments -------------------------------------------------------------------------
 
     def post_payment(self, request: Request) -> Reply | Awaitable[Reply]:
+        self.counters["paymentRequests"] += 1
         if self.payments_limiter.try_acquire():
             return self._pay_holding_permit(request)
         waiter = self.payments_limiter.enqueue()
@@ -456,6 +462,7 @@ class Processor:
     # -- GET /payments/service-health and /payments/{id} ----------------------------------------
 
     def get_service_health(self, request: Request) -> Reply | Awaitable[Reply]:
+        self.counters["serviceHealthCalls"] += 1
         granted = self.health_limiter.acquire()
         if granted is True:
             return self._health_reply()
@@ -478,6 +485,7 @@ class Processor:
         return Reply(200, body)
 
     def get_payment(self, request: Request) -> Reply:
+        self.counters["paymentLookups"] += 1
         try:
             key = str(uuid.UUID(request.path[len("/payments/") :]))
         except ValueError:
@@ -559,7 +567,12 @@ class Processor:
 
     def post_purge(self, request: Request) -> Reply:
         self.ledger.purge()
+        self.counters.clear()
         return message(200, "All payments purged.")
+
+    def get_counters(self, request: Request) -> Reply:
+        names = ("paymentRequests", "paymentLookups", "serviceHealthCalls")
+        return Reply(200, orjson.dumps({name: self.counters[name] for name in names}))
 
 
 # ---------------------------------------------------------------------------------------------

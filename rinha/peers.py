@@ -119,6 +119,7 @@ class PeerSync:
         self._sock = sock
         self._on_health = on_health
         self._peer = PeerAddress(*settings.peer_addr)
+        self._drops = random.Random(settings.sync_drop_seed)  # the test-only fault's dice
         self._last_record = 0.0
         self._pending_purges: dict[int, float] = {}  # nonce -> first sent (monotonic)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,6 +136,8 @@ class PeerSync:
 
     def recorded(self, cells: set[tuple[int, int]]) -> None:
         self._last_record = time.monotonic()
+        if not self._settings.sync_push:
+            return  # the periodic resend carries them
         values = [(s, p, *self._ledger.own_cell(s, p)) for s, p in sorted(cells)]
         for datagram in wire.encode_cells(wire.CELLS, values):
             self._send(datagram)
@@ -150,7 +153,7 @@ class PeerSync:
     # Sending --------------------------------------------------------------------------------
 
     def _send(self, datagram: bytes) -> None:
-        if self._settings.sync_drop_rate and random.random() < self._settings.sync_drop_rate:
+        if self._settings.sync_drop_rate and self._drops.random() < self._settings.sync_drop_rate:
             return  # the test-only fault switch: lose this datagram on purpose
         target = self._peer.target()
         if target is None:
@@ -230,7 +233,7 @@ class PeerSync:
         log.info("sent the peer its %d-datagram recovery", len(datagrams))
 
     def _reply(self, datagram: bytes, address: tuple[str, int]) -> None:
-        if self._settings.sync_drop_rate and random.random() < self._settings.sync_drop_rate:
+        if self._settings.sync_drop_rate and self._drops.random() < self._settings.sync_drop_rate:
             return
         try:
             self._sock.sendto(datagram, address)

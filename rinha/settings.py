@@ -51,6 +51,8 @@ class Settings:
     sync_resend_s: float
     sync_recover_timeout_s: float
     sync_drop_rate: float
+    sync_drop_seed: int | None
+    sync_push: bool
     admin_token: str | None
     heartbeat_timeout_s: float  # 0: hung children are not looked for
     log_level: str
@@ -141,6 +143,11 @@ def _variables() -> tuple[Variable, ...]:
           "how long a starting instance waits for its peer's recovery answer"),
         v("SYNC_DROP_RATE", "sync_drop_rate", "0", _float_between(0, 1),
           "test-only fault: drop this share of outgoing sync datagrams"),
+        v("SYNC_DROP_SEED", "sync_drop_seed", "", _optional_int,
+          "test-only: seed of the drops above, for a repeatable run (empty: random)"),
+        v("SYNC_PUSH", "sync_push", "1", _bool,
+          "push recorded cells to the peer at once (0: only the periodic resend carries "
+          "them, so the peer lags up to SYNC_RESEND_S)"),
         v("RINHA_ADMIN_TOKEN", "admin_token", "", _optional_text,
           "if set, POST /purge-payments requires it in X-Rinha-Token"),
         v("HEARTBEAT_TIMEOUT_S", "heartbeat_timeout_s", "10", _off_or_at_least(2, 3600),
@@ -263,6 +270,10 @@ def _http_url(raw: str) -> str:
     if parts.path not in ("", "/") or parts.query:
         raise ValueError("must be the processor's base URL, without a path or query")
     return raw.rstrip("/")
+
+
+def _optional_int(raw: str) -> int | None:
+    return int(raw) if raw else None
 
 
 def _optional_text(raw: str) -> str | None:

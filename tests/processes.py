@@ -109,6 +109,11 @@ class Emulator(Process):
         response.raise_for_status()
         return response.json()
 
+    def counters(self) -> dict[str, int]:
+        """What arrived here (the emulator's own extension): paymentRequests, paymentLookups,
+        serviceHealthCalls."""
+        return self.admin("GET", "/admin/counters").json()
+
 
 class Instance(Process):
     """`rinha serve` with its own random name and port."""
@@ -271,3 +276,27 @@ def own_totals(instance: Instance) -> tuple[int, int]:
     from rinha.ledger import OWN
 
     return region_totals(instance, OWN)
+
+
+def leftovers(instance: Instance) -> dict[str, int]:
+    """What a dead instance left in shared memory and its queue: the payments it had accepted
+    but never sent (`never_sent`: clean QUEUED slots and records still in the kernel queue),
+    those that may have reached a processor (`maybe_sent`: SENDING, pinned, RECORDING), and
+    what its OWN ledger region counted (`own`)."""
+    import posix_ipc
+
+    from rinha.holding import QUEUED, HoldingTable
+
+    table = HoldingTable.open(f"/rinha-{instance.name}-holding")
+    try:
+        held = list(table.held())
+    finally:
+        table.close()
+    queue = posix_ipc.MessageQueue(f"/rinha-{instance.name}-queue")
+    try:
+        in_queue = queue.current_messages
+    finally:
+        queue.close()
+    clean = sum(p.state == QUEUED and not p.pinned for p in held)
+    return {"never_sent": clean + in_queue, "maybe_sent": len(held) - clean,
+            "own": own_totals(instance)[0]}

@@ -39,13 +39,18 @@ def wait_recorded(instance, expected: int, timeout: float = 30.0):
 
 def test_concurrent_payments_match_processors_for_any_window(processors, start_instance):
     default, fallback = processors
-    instance = start_instance()
+    instance = start_instance(FALLBACK_AFTER_S="0.2")
     started_ms = time.time_ns() // 1_000_000
-    statuses = post_payments(instance.url, 2000, concurrency=64)
+    statuses = post_payments(instance.url, 1500, concurrency=64)
+    wait_recorded(instance, 1500)
+    default.set_failure(True)  # then held 0.2 s and sent to the fallback
+    statuses += post_payments(instance.url, 500, concurrency=64, amount="5.01")
     assert statuses.count(202) == 2000
     wait_recorded(instance, 2000)
+    default.set_failure(False)
     ended_ms = time.time_ns() // 1_000_000
-    assert processor_totals(default) == (2000, "39800.00")
+    assert processor_totals(default) == (1500, "29850.00")
+    assert processor_totals(fallback) == (500, "2505.00")
     first_second = started_ms // 1000 * 1000
     middle = (started_ms + ended_ms) // 2 // 1000 * 1000
     windows = [
@@ -132,14 +137,40 @@ def test_long_outage_holds_8000_payments_and_delivers_them_after(processors, sta
     assert processor_totals(fallback) == (0, "0.00")
 
 
-def test_fallback_only_after_the_configured_hold_time(processors, start_instance):
+def test_a_backlog_drains_no_faster_than_drain_rate_per_s(processors, start_instance):
+    """300 payments held through an outage go out at DRAIN_RATE_PER_S (100/s, bursts of 10),
+    not all at once: no second of the processor's record holds more than that."""
     default, fallback = processors
-    instance = start_instance(FALLBACK_AFTER_S="0.5")
+    instance = start_instance(DRAIN_RATE_PER_S="100")
     default.set_failure(True)
+    assert post_payments(instance.url, 300).count(202) == 300
+    time.sleep(0.5)
+    resumed = int(time.time())
+    default.set_failure(False)
+    wait_recorded(instance, 300)
+    ended = int(time.time())
+    per_second = [
+        processor_totals(default, {"from": iso(s * 1000), "to": iso(s * 1000)})[0]
+        for s in range(resumed, ended + 1)
+    ]
+    assert sum(per_second) == 300
+    assert max(per_second) <= 100 + 10, per_second
+    assert_summaries_equal(instance, default, fallback)
+
+
+def test_fallback_only_after_the_configured_hold_time(processors, start_instance):
+    """With FALLBACK_AFTER_S=2, no payment reaches the fallback before it was held 2 s: the
+    fallback's record holds nothing in the two seconds the payments were posted in."""
+    default, fallback = processors
+    instance = start_instance(FALLBACK_AFTER_S="2")
+    default.set_failure(True)
+    posted = int(time.time())
     assert post_payments(instance.url, 50).count(202) == 50
     wait_recorded(instance, 50)
     assert processor_totals(fallback) == (50, "995.00")
     assert processor_totals(default) == (0, "0.00")
+    early = {"from": iso(posted * 1000), "to": iso(posted * 1000 + 1999)}
+    assert processor_totals(fallback, early) == (0, "0.00")
     assert_summaries_equal(instance, default, fallback)
 
 
@@ -264,4 +295,41 @@ def test_sigkilled_worker_and_dispatcher_come_back_and_nothing_is_lost(
     time.sleep(0.5)
     assert processor_totals(default) == (accepted, f"{accepted * 19.90:.2f}")
     assert processor_totals(fallback) == (0, "0.00")
+    assert_summaries_equal(instance, default, fallback)
+
+
+def test_a_worker_killed_with_requests_in_flight_loses_no_accepted_payment(
+    processors, start_instance
+):
+    """SIGKILL a worker in the middle of a load. Every 202 the clients got is counted, once;
+    the only payments the clients do not know of are requests the dead worker had queued
+    but not yet answered (at most one per client connection)."""
+    import threading
+
+    default, fallback = processors
+    instance = start_instance(WORKERS="2")
+    statuses: list[int] = []
+    load = threading.Thread(
+        target=lambda: statuses.extend(post_payments(instance.url, 3000, concurrency=32)))
+    load.start()
+    wait_until(lambda: processor_totals(default)[0] > 300, 20)
+    victim = instance.child_pids("worker")[0]
+    # Stopped first, so that requests pile up on its connections, then killed with them.
+    os.kill(victim, signal.SIGSTOP)
+    time.sleep(0.3)
+    os.kill(victim, signal.SIGKILL)
+    load.join()
+    accepted = statuses.count(202)
+    assert accepted > 300 and statuses.count(0) > 0  # some requests died with the worker
+    wait_until(lambda: instance.child_pids("worker") and victim not in instance.child_pids(
+        "worker"))
+    settled: list[int] = []
+
+    def quiet() -> bool:
+        settled.append(processor_totals(default)[0])
+        return len(settled) > 2 and settled[-1] == settled[-3]
+
+    wait_until(quiet, 30, interval=0.3)
+    processed = processor_totals(default)[0]
+    assert accepted <= processed <= accepted + 32
     assert_summaries_equal(instance, default, fallback)

@@ -162,3 +162,25 @@ def test_startup_does_not_depend_on_the_working_directory(processors, cwd):
         from rinha.settings import load
 
         unlink_all(load(env))
+
+
+def test_a_child_that_keeps_dying_stops_the_instance_instead_of_a_restart_storm(processors):
+    """More than 20 deaths of one child within 10 s: something is wrong that a restart will
+    not fix; the supervisor stops the instance (exit 1) rather than fork for ever."""
+    instance = Instance(*processors).wait_ready()
+    try:
+        kills = 0
+        while instance.popen.poll() is None and kills < 40:
+            pids = instance.child_pids("dispatch")
+            if not pids:
+                time.sleep(0.005)
+                continue
+            os.kill(pids[0], signal.SIGKILL)
+            kills += 1
+            wait_until(lambda pid=pids[0]: instance.popen.poll() is not None
+                       or instance.child_pids("dispatch") not in ([], [pid]), 10, 0.005)
+        assert instance.popen.wait(10) == 1
+        assert 20 <= kills <= 22, kills
+        assert "dispatch died 21 times" in instance.log()
+    finally:
+        instance.stop()

@@ -11,6 +11,7 @@ import pytest
 from rinha import wire
 from rinha.dispatcher import Dispatcher
 from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
+from rinha.intake import PURGE_CENTS
 from rinha.ledger import DEFAULT, Ledger
 from rinha.settings import load
 
@@ -89,3 +90,32 @@ def test_of_two_payments_with_one_id_the_pinned_one_goes_first_the_other_waits(p
     assert [p.slot for p in restarted._pinned[DEFAULT]] == [4]
     assert [p.slot for p in restarted._waiting] == [5]
     assert [p.slot for p in restarted._parked[same]] == [3]
+
+
+def stage_record(table: HoldingTable, slot: int, cents: int) -> bytes:
+    """What a dispatcher killed between the kernel's copy and the commit leaves behind."""
+    correlation_id = uuid4().bytes
+    table.stage(slot)
+    table.view[table.record_offset(slot):table.record_offset(slot) + 24] = \
+        wire.encode_payment(correlation_id, cents)
+    return correlation_id
+
+
+def test_a_payment_staged_but_not_committed_is_committed_and_queued(parts):
+    _, table, _ = parts
+    correlation_id = stage_record(table, 7, 1990)
+    restarted = dispatcher(parts)
+    restarted.recover()
+    [payment] = list(table.held())
+    assert (payment.slot, payment.correlation_id, payment.cents) == (7, correlation_id, 1990)
+    assert [p.slot for p in restarted._waiting] == [7]
+    assert 7 not in restarted._free_slots
+
+
+def test_a_staged_purge_record_is_not_taken_for_a_payment(parts):
+    _, table, _ = parts
+    stage_record(table, 7, PURGE_CENTS)
+    restarted = dispatcher(parts)
+    restarted.recover()
+    assert list(table.held()) == []
+    assert len(restarted._waiting) == 0 and len(restarted._free_slots) == 16

@@ -51,8 +51,18 @@ def payment(slot: int, **fields: object) -> HeldPayment:
     return HeldPayment(slot=slot, **values)  # type: ignore[arg-type]
 
 
-def test_slots_are_one_cache_line() -> None:
-    assert SLOT_SIZE == 64
+def test_neighbouring_slots_do_not_touch_each_other(table: HoldingTable) -> None:
+    """Each slot owns its 64 bytes (one cache line): writing one, or freeing it, or staging its
+    record, leaves the slots on both sides exactly as they were."""
+    left, middle, right = payment(4, state=SENDING), payment(5), payment(6, state=RECORDING)
+    for p in (left, middle, right):
+        table.write(p)
+    table.write(payment(5, state=SENDING, processor=1, pinned=True, attempts=2**32 - 1,
+                        cents=2**63 - 1, word_before=2**64 - 1, correlation_id=b"\xff" * 16))
+    table.free(5)
+    table.stage(5)
+    table.unstage()
+    assert list(table.held()) == [left, right]
 
 
 def test_a_new_table_holds_nothing(table: HoldingTable) -> None:

@@ -121,12 +121,6 @@ def test_parse_payment_refuses_a_huge_exponent_with_422() -> None:
     assert caught.value.status == 422
 
 
-def test_bad_request_defaults_to_422() -> None:
-    assert BadRequest("x").status == 422
-    assert BadRequest("x", 400).status == 400
-    assert isinstance(BadRequest("x"), ValueError)
-
-
 # --- GET /payments-summary ----------------------------------------------------------------
 
 

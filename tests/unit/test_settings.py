@@ -37,6 +37,8 @@ def test_defaults_with_an_empty_environment() -> None:
         "sync_resend_s": 1.0,
         "sync_recover_timeout_s": 1.0,
         "sync_drop_rate": 0.0,
+        "sync_drop_seed": None,
+        "sync_push": True,
         "admin_token": None,
         "heartbeat_timeout_s": 10.0,
         "log_level": "INFO",
@@ -100,6 +102,8 @@ def test_load_reads_os_environ_when_given_nothing(monkeypatch: pytest.MonkeyPatc
         ("SYNC_DROP_RATE", "1", "sync_drop_rate", 1.0),
         ("RINHA_ADMIN_TOKEN", "s3cret", "admin_token", "s3cret"),
         ("RINHA_ADMIN_TOKEN", "", "admin_token", None),
+        ("SYNC_DROP_SEED", "7", "sync_drop_seed", 7),
+        ("SYNC_PUSH", "0", "sync_push", False),
         ("HEARTBEAT_TIMEOUT_S", "0", "heartbeat_timeout_s", 0.0),
         ("HEARTBEAT_TIMEOUT_S", "2", "heartbeat_timeout_s", 2.0),
         ("HEARTBEAT_TIMEOUT_S", "30", "heartbeat_timeout_s", 30.0),
@@ -183,10 +187,6 @@ def test_a_bad_value_raises_naming_the_variable(variable: str, raw: str) -> None
 def test_a_processor_url_with_a_bad_port_is_refused(raw: str) -> None:
     with pytest.raises(SettingsError, match="^PROCESSOR_DEFAULT_URL="):
         load({"PROCESSOR_DEFAULT_URL": raw})
-
-
-def test_settings_error_is_a_value_error() -> None:
-    assert issubclass(SettingsError, ValueError)
 
 
 @pytest.mark.parametrize(("low", "high"), [("0.5", "0.4"), ("2", "1")])

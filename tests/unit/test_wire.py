@@ -383,10 +383,6 @@ def test_decode_datagram_accepts_every_kind(kind: int) -> None:
     assert wire.decode_datagram(header(kind=kind) + b"xyz") == (kind, 0, b"xyz")
 
 
-def test_malformed_datagram_is_a_value_error() -> None:
-    assert issubclass(wire.MalformedDatagram, ValueError)
-
-
 @pytest.mark.parametrize(
     "payload",
     [
