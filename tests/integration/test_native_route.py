@@ -239,10 +239,11 @@ def test_a_real_instance_counts_what_both_paths_accepted(processors, start_insta
 
 def _serve(port: int, queue_name: str) -> None:
     """The bare worker: POST /payments as Intake.serve() registers it, on `queue_name`."""
-    from socketify import App, AppListenOptions
+    from socketify import App
 
     from rinha.body_route import NativePaymentRoute
     from rinha.intake import Intake
+    from rinha.listening import listen
 
     queue = posix_ipc.MessageQueue(queue_name)
     intake = Intake(None, queue, None)  # type: ignore[arg-type]  # only POST /payments is used
@@ -255,7 +256,8 @@ def _serve(port: int, queue_name: str) -> None:
             json.dumps(route.counts()).encode())
 
     app.get("/counts", counts)
-    app.listen(AppListenOptions(port=port, host="127.0.0.1"), lambda config: None)
+    if not listen(app, "127.0.0.1", port):
+        raise SystemExit(f"cannot listen on 127.0.0.1:{port}")
     app.loop.uv_loop.run()
 
 
