@@ -114,7 +114,7 @@ class NativePaymentRoute:
     def __init__(self, app: Any, pattern: str, complete: Complete, mqd: int, max_body: int,
                  queue_full: bytes) -> None:
         self._complete = complete
-        self.route = PaymentRoute(library_path, _address(app.app), app.SSL, pattern, mqd,
+        self.route = PaymentRoute(library_path, _address(app.app), bool(app.SSL), pattern, mqd,
                                   self._on_body, max_body,
                                   _error(f"body over {max_body} bytes"), queue_full)
 
