@@ -120,14 +120,9 @@ def run_dispatcher(
     from rinha import cgroups
     from rinha.dispatcher import Dispatcher
     from rinha.pacing import paced_event_loop, yield_cpu_to_workers
-    from rinha.peers import PeerSync
 
-    peer = None
-    if sync_socket is not None:
-        peer = PeerSync(settings, resources.ledger, sync_socket,
-                        on_health=lambda *report: dispatcher.on_health_report(*report))
-    dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger, peer,
-                            heartbeat=lambda: resources.heartbeats.beat(slot))
+    dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger,
+                            sync_socket, heartbeat=lambda: resources.heartbeats.beat(slot))
     idle = settings.dispatcher_idle_priority
     if idle is None:
         idle = cgroups.under_cpu_quota()

@@ -21,19 +21,23 @@ Staging closes the gap between the kernel queue and a slot: the dispatcher names
 is about to fill in the header (`staging`), and the kernel copies the queue record straight
 into that slot's record area (native_ledger._mqueue.receive_into). A dispatcher killed after
 the copy but before the slot was committed leaves a FREE slot with a record in it, named by
-`staging`: the next dispatcher commits it (`recover_staged`), so no payment the kernel handed
-over is lost, and none is taken twice (the slot is committed in place, then `staging` cleared).
+`staging`: the next dispatcher commits it (`claim`), so no payment the kernel handed over is
+lost, and none is taken twice (the slot is committed in place, then `staging` cleared).
+
+The dispatcher works through the high-level face (`claim`, `receive`, `mark`, `release`): the
+table keeps its own free slots and does its own staging, one call per step of a payment.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import posix_ipc
 
+from native_ledger._mqueue import receive_into
 from rinha import wire
 
 FREE = 0
@@ -41,11 +45,11 @@ QUEUED = 1
 SENDING = 2
 RECORDING = 3
 
-# state, processor, pinned, pad, attempts, requested_at, held_since_ms, word_before, pad,
-# then the queue record exactly as the workers encode it (wire.PAYMENT_RECORD): uuid, cents.
-_SLOT = struct.Struct("<BBBxIqqQ8x16sq")
+# state, processor, pinned, pad, requested_at, held_since_ms, word_before, pad, then the
+# queue record exactly as the workers encode it (wire.PAYMENT_RECORD): uuid, cents.
+_SLOT = struct.Struct("<BBB5xqqQ8x16sq")
 SLOT_SIZE = _SLOT.size  # 64: one cache line per slot
-_FIELDS = struct.Struct("<BBxIqqQ8x16sq")  # the slot without its state byte, written first
+_FIELDS = struct.Struct("<BB5xqqQ8x16sq")  # the slot without its state byte, written first
 RECORD_OFFSET = 40  # where the queue record sits in a slot
 _RECORD_SIZE = wire.PAYMENT_RECORD_SIZE
 _ZERO_RECORD = bytes(_RECORD_SIZE)
@@ -54,7 +58,7 @@ _STAGING = struct.Struct("<q")  # at offset 16: the slot being filled from the q
 _STAGING_OFFSET = 16
 _HEADER_SIZE = 64
 _MAGIC = b"rinhaHLD"
-_VERSION = 2
+_VERSION = 3
 
 
 @dataclass(slots=True)
@@ -68,7 +72,6 @@ class HeldPayment:
     state: int = QUEUED
     processor: int = 0
     pinned: bool = False
-    attempts: int = 0
     requested_at: int = 0
     word_before: int = 0
 
@@ -80,6 +83,7 @@ class HoldingTable:
         self._memory = memory
         self._view = view
         self.capacity = capacity
+        self._free_slots: list[int] = []  # filled by claim(): the dispatcher's to hand out
 
     @classmethod
     def create(cls, name: str, capacity: int) -> HoldingTable:
@@ -126,9 +130,8 @@ class HoldingTable:
         """Store the payment's fields, then its state (see the module docstring)."""
         offset = _HEADER_SIZE + payment.slot * SLOT_SIZE
         _FIELDS.pack_into(
-            self._view, offset + 1, payment.processor, payment.pinned, payment.attempts,
-            payment.requested_at, payment.held_since_ms, payment.word_before,
-            payment.correlation_id, payment.cents,
+            self._view, offset + 1, payment.processor, payment.pinned, payment.requested_at,
+            payment.held_since_ms, payment.word_before, payment.correlation_id, payment.cents,
         )
         self._view[offset] = payment.state
 
@@ -151,27 +154,72 @@ class HoldingTable:
         """The staged slot is committed (or nothing was received): forget it."""
         _STAGING.pack_into(self._view, _STAGING_OFFSET, -1)
 
-    def recover_staged(
-        self, held_since_ms: int, is_payment: Callable[[int], bool]
-    ) -> HeldPayment | None:
+    def _commit_staged(self, held_since_ms: int) -> HeldPayment | None:
         """Commit a record the kernel copied into a slot that a killed dispatcher never
-        committed; `is_payment(cents)` tells a payment from a control record."""
+        committed, if it is a payment (a control record is only forgotten)."""
         (slot,) = _STAGING.unpack_from(self._view, _STAGING_OFFSET)
         if not 0 <= slot < self.capacity:
             return None
         offset = _HEADER_SIZE + slot * SLOT_SIZE
-        correlation_id, cents = wire.PAYMENT_RECORD.unpack_from(self._view,
-                                                                 offset + RECORD_OFFSET)
+        record = self.staged_record(slot)
         payment = None
-        if self._view[offset] == FREE and cents and is_payment(cents):
+        if self._view[offset] == FREE and wire.is_payment_record(record):
+            correlation_id, cents = wire.decode_payment(record)
             payment = HeldPayment(slot, correlation_id, cents, held_since_ms)
             self.write(payment)
         self.unstage()
         return payment
 
-    def set_state(self, payment: HeldPayment, state: int) -> None:
+    # The dispatcher's face -----------------------------------------------------------------
+
+    def claim(self, now_ms: int) -> tuple[list[HeldPayment], bool]:
+        """Take the table over, as the one dispatcher of this instance: commit what a killed
+        predecessor left staged, note the free slots, and return every held payment oldest
+        first, and whether a staged one was committed."""
+        committed = self._commit_staged(now_ms) is not None
+        held = sorted(self.held(), key=lambda p: (p.held_since_ms, p.slot))
+        used = {p.slot for p in held}
+        self._free_slots = [s for s in range(self.capacity - 1, -1, -1) if s not in used]
+        return held, committed
+
+    @property
+    def full(self) -> bool:
+        return not self._free_slots
+
+    def receive(self, mqd: int, held_since_ms: int) -> HeldPayment | bytes | None:
+        """Move the next queue record into a free slot: the committed payment, or the record's
+        bytes if it is not a payment (its slot stays free), or None if the queue is empty.
+        The kernel copies the record straight into the slot, so a kill at any instant loses
+        nothing (staging, above). Call only while not `full`."""
+        slot = self._free_slots[-1]
+        self.stage(slot)
+        try:
+            size = receive_into(mqd, self._view, self.record_offset(slot))
+        except BlockingIOError:
+            self.unstage()
+            return None
+        record = self.staged_record(slot)[:size]
+        if not wire.is_payment_record(record):
+            self.stage(slot)  # empties the record again: nothing to keep
+            self.unstage()
+            return record
+        self._free_slots.pop()
+        correlation_id, cents = wire.decode_payment(record)
+        payment = HeldPayment(slot, correlation_id, cents, held_since_ms)
+        self.write(payment)
+        self.unstage()
+        return payment
+
+    def mark(self, payment: HeldPayment, state: int) -> None:
+        """Move the payment to `state`, its fields written first (see the module docstring)."""
         payment.state = state
         self.write(payment)
+
+    def release(self, payment: HeldPayment) -> bool:
+        """The payment is settled: free its slot. True if the table was full until now."""
+        self.free(payment.slot)
+        self._free_slots.append(payment.slot)
+        return len(self._free_slots) == 1
 
     def free(self, slot: int) -> None:
         self._view[_HEADER_SIZE + slot * SLOT_SIZE] = FREE
@@ -190,13 +238,12 @@ class HoldingTable:
                 state = fields[0]
                 if state == FREE:
                     continue
-                (_, processor, pinned, attempts, requested_at, held_since_ms, word_before,
+                (_, processor, pinned, requested_at, held_since_ms, word_before,
                  correlation_id, cents) = fields
                 yield HeldPayment(
                     slot=slot, correlation_id=correlation_id, cents=cents,
                     held_since_ms=held_since_ms, state=state, processor=processor,
-                    pinned=bool(pinned), attempts=attempts, requested_at=requested_at,
-                    word_before=word_before,
+                    pinned=bool(pinned), requested_at=requested_at, word_before=word_before,
                 )
         finally:
             view.release()

@@ -30,10 +30,6 @@ log = logging.getLogger("rinha.intake")
 
 MAX_BODY_BYTES = 4096
 
-# The queue carries control records too: a record with this amount asks the dispatcher to tell
-# the peer that the ledger was purged (a purge through nginx reaches one instance only).
-PURGE_CENTS = -1
-
 _JSON = b"application/json"
 
 # The 503 of POST /payments, from Python and from the native route alike.
@@ -188,7 +184,7 @@ class Intake:
             return 401, _error_json("X-Rinha-Token required")
         self._ledger.purge()
         try:
-            self._queue.send(wire.encode_payment(bytes(16), PURGE_CENTS), timeout=0)
+            self._queue.send(wire.encode_control(wire.CONTROL_PURGED), timeout=0)
         except posix_ipc.BusyError:
             return 503, _error_json("queue full, the peer was not told; retry")
         return 200, b'{"message":"purged"}'

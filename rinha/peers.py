@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 from rinha import wire
+from rinha.health import HealthReport
 from rinha.ledger import OWN, PEER, PROCESSORS, Ledger
 from rinha.settings import Settings
 
@@ -111,7 +112,7 @@ class PeerSync:
         settings: Settings,
         ledger: Ledger,
         sock: socket.socket,
-        on_health: Callable[[int, bool, int], None],
+        on_health: Callable[[HealthReport], None],
     ) -> None:
         assert settings.peer_addr is not None
         self._settings = settings
@@ -147,8 +148,8 @@ class PeerSync:
         self._pending_purges[nonce] = time.monotonic()
         self._resend_purges()
 
-    def share_health(self, processor: int, failing: bool, min_response_ms: int) -> None:
-        self._send(wire.encode_health(processor, failing, min_response_ms))
+    def share_health(self, report: HealthReport) -> None:
+        self._send(wire.encode_health(report.processor, report.failing, report.min_response_ms))
 
     # Sending --------------------------------------------------------------------------------
 
@@ -221,7 +222,7 @@ class PeerSync:
         elif kind == wire.RECOVER_REQUEST:
             self._answer_recovery(nonce, address)
         elif kind == wire.HEALTH:
-            self._on_health(*wire.decode_health(payload))
+            self._on_health(HealthReport(*wire.decode_health(payload)))
         # RECOVERY and RECOVERY_DONE only matter to a supervisor that is recovering.
 
     def _answer_recovery(self, nonce: int, address: tuple[str, int]) -> None:

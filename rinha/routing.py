@@ -41,19 +41,10 @@ def admits(circuit: Circuit, now: float) -> bool:
 
 
 def choose(
-    circuits: tuple[Circuit, Circuit],
-    now: float,
-    held_for_s: float,
-    fallback_after_s: float,
-    pinned_to: int | None = None,
+    circuits: tuple[Circuit, Circuit], now: float, held_for_s: float, fallback_after_s: float
 ) -> int | None:
-    """The processor for a payment held for `held_for_s`, or None to keep holding it.
-
-    A payment pinned to a processor (an earlier attempt's outcome is unknown) may only go there
-    (invariant 3).
-    """
-    if pinned_to is not None:
-        return pinned_to if admits(circuits[pinned_to], now) else None
+    """The processor for a payment held for `held_for_s`, or None to keep holding it. (A
+    pinned payment has no choice: the router sends it to its processor when that admits it.)"""
     if admits(circuits[DEFAULT], now):
         return DEFAULT
     if 0 < fallback_after_s <= held_for_s and admits(circuits[FALLBACK], now):

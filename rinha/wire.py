@@ -38,6 +38,32 @@ def decode_payment(record: bytes) -> tuple[bytes, int]:
     return PAYMENT_RECORD.unpack(record)
 
 
+def is_payment_record(record: bytes) -> bool:
+    """A queue record is a payment iff it has the payment's size and a positive amount: the
+    workers never queue any other (parse_payment refuses 0 and below), and a control record
+    is shorter."""
+    return len(record) == PAYMENT_RECORD_SIZE and PAYMENT_RECORD.unpack(record)[1] > 0
+
+
+# Control records share the queue with payments (one queue, so one reader sees both in order):
+# 8 bytes, a magic and a kind, so no control record can be read as a payment or the reverse.
+CONTROL_RECORD = struct.Struct("<4sI")
+CONTROL_MAGIC = b"CTRL"
+CONTROL_PURGED = 1  # a worker purged the ledger (POST /purge-payments): tell the peer
+
+
+def encode_control(kind: int) -> bytes:
+    return CONTROL_RECORD.pack(CONTROL_MAGIC, kind)
+
+
+def decode_control(record: bytes) -> int | None:
+    """The kind of a control record, or None if the bytes are not one."""
+    if len(record) != CONTROL_RECORD.size:
+        return None
+    magic, kind = CONTROL_RECORD.unpack(record)
+    return kind if magic == CONTROL_MAGIC else None
+
+
 def parse_uuid(text: str) -> bytes | None:
     """The 16 bytes of a canonical 8-4-4-4-12 UUID, or None if it is not one."""
     if len(text) != 36 or not _UUID_TEXT.fullmatch(text):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from uuid import uuid4
 
@@ -11,7 +12,6 @@ import pytest
 from rinha import wire
 from rinha.dispatcher import Dispatcher
 from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
-from rinha.intake import PURGE_CENTS
 from rinha.ledger import DEFAULT, Ledger
 from rinha.settings import load
 
@@ -40,6 +40,11 @@ def dispatcher(parts) -> Dispatcher:
     return Dispatcher(load({"INSTANCE_NAME": "unused"}), queue, table, ledger)
 
 
+def next_send(restarted: Dispatcher) -> tuple[int, int] | None:
+    picked = restarted._router.next_send(time.monotonic(), time.time_ns() // 1_000_000)
+    return None if picked is None else (picked[0].slot, picked[1])
+
+
 def held(slot: int, state: int, **fields: object) -> HeldPayment:
     return HeldPayment(slot, uuid4().bytes, 1990, 1_000, state=state, processor=DEFAULT,
                        requested_at=SECOND, **fields)
@@ -52,7 +57,7 @@ def test_recording_whose_add_did_not_happen_is_counted_once_and_freed(parts):
     restarted.recover()
     assert ledger.own_cell(SECOND, DEFAULT) == (1, 1990)
     assert list(table.held()) == []
-    assert 2 in restarted._free_slots and len(restarted._free_slots) == 16
+    assert not table.full
 
 
 def test_recording_whose_add_happened_is_not_counted_again(parts):
@@ -72,9 +77,9 @@ def test_sending_becomes_pinned_to_its_processor_and_requested_at(parts):
     restarted.recover()
     states = {p.slot: (p.state, p.pinned, p.requested_at) for p in table.held()}
     assert states == {5: (QUEUED, True, SECOND), 6: (QUEUED, False, SECOND)}
-    assert [p.slot for p in restarted._pinned[DEFAULT]] == [5]
-    assert [p.slot for p in restarted._waiting] == [6]
-    assert 5 not in restarted._free_slots and 6 not in restarted._free_slots
+    assert restarted._router.counts() == {"waiting": 1, "pinned": 1, "parked": 0}
+    assert next_send(restarted) == (5, DEFAULT)  # the pinned one first, to its processor
+    assert next_send(restarted) == (6, DEFAULT)
     assert ledger.own_cell(SECOND, DEFAULT) == (0, 0)
 
 
@@ -87,9 +92,10 @@ def test_of_two_payments_with_one_id_the_pinned_one_goes_first_the_other_waits(p
     table.write(held(5, QUEUED))
     restarted = dispatcher(parts)
     restarted.recover()
-    assert [p.slot for p in restarted._pinned[DEFAULT]] == [4]
-    assert [p.slot for p in restarted._waiting] == [5]
-    assert [p.slot for p in restarted._parked[same]] == [3]
+    assert restarted._router.counts() == {"waiting": 1, "pinned": 1, "parked": 1}
+    assert next_send(restarted) == (4, DEFAULT)
+    assert next_send(restarted) == (5, DEFAULT)
+    assert next_send(restarted) is None  # 3 waits for 4 to be settled
 
 
 def stage_record(table: HoldingTable, slot: int, cents: int) -> bytes:
@@ -108,14 +114,15 @@ def test_a_payment_staged_but_not_committed_is_committed_and_queued(parts):
     restarted.recover()
     [payment] = list(table.held())
     assert (payment.slot, payment.correlation_id, payment.cents) == (7, correlation_id, 1990)
-    assert [p.slot for p in restarted._waiting] == [7]
-    assert 7 not in restarted._free_slots
+    assert next_send(restarted) == (7, DEFAULT)
 
 
-def test_a_staged_purge_record_is_not_taken_for_a_payment(parts):
+def test_a_staged_control_record_is_not_taken_for_a_payment(parts):
     _, table, _ = parts
-    stage_record(table, 7, PURGE_CENTS)
+    table.stage(7)
+    start = table.record_offset(7)
+    table.view[start:start + 8] = wire.encode_control(wire.CONTROL_PURGED)
     restarted = dispatcher(parts)
     restarted.recover()
     assert list(table.held()) == []
-    assert len(restarted._waiting) == 0 and len(restarted._free_slots) == 16
+    assert not restarted._router.has_work

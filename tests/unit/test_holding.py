@@ -57,7 +57,7 @@ def test_neighbouring_slots_do_not_touch_each_other(table: HoldingTable) -> None
     left, middle, right = payment(4, state=SENDING), payment(5), payment(6, state=RECORDING)
     for p in (left, middle, right):
         table.write(p)
-    table.write(payment(5, state=SENDING, processor=1, pinned=True, attempts=2**32 - 1,
+    table.write(payment(5, state=SENDING, processor=1, pinned=True,
                         cents=2**63 - 1, word_before=2**64 - 1, correlation_id=b"\xff" * 16))
     table.free(5)
     table.stage(5)
@@ -77,9 +77,9 @@ def test_create_sizes_the_segment_for_its_slots(name: str, table: HoldingTable) 
 def test_held_returns_exactly_the_written_slots_with_every_field(table: HoldingTable) -> None:
     written = [
         payment(0),
-        payment(3, state=SENDING, processor=1, pinned=True, attempts=7, requested_at=T0),
+        payment(3, state=SENDING, processor=1, pinned=True, requested_at=T0),
         payment(
-            CAPACITY - 1, state=RECORDING, processor=0, attempts=2**32 - 1,
+            CAPACITY - 1, state=RECORDING, processor=0,
             requested_at=-(2**63), cents=2**63 - 1, held_since_ms=-1, word_before=2**64 - 1,
             correlation_id=b"\xff" * 16,
         ),
@@ -91,22 +91,21 @@ def test_held_returns_exactly_the_written_slots_with_every_field(table: HoldingT
 
 
 def test_write_over_a_slot_replaces_every_field(table: HoldingTable) -> None:
-    table.write(payment(5, state=SENDING, processor=1, pinned=True, attempts=3, word_before=9))
+    table.write(payment(5, state=SENDING, processor=1, pinned=True, word_before=9))
     replacement = payment(5)
     table.write(replacement)
     assert list(table.held()) == [replacement]
 
 
-def test_set_state_changes_the_state_in_memory_and_in_the_table(table: HoldingTable) -> None:
+def test_mark_changes_the_state_in_memory_and_in_the_table(table: HoldingTable) -> None:
     held = payment(2)
     table.write(held)
     held.requested_at = T0
-    held.attempts = 1
-    table.set_state(held, SENDING)
+    table.mark(held, SENDING)
     assert held.state == SENDING
     [stored] = table.held()
     assert stored == held
-    assert (stored.state, stored.requested_at, stored.attempts) == (SENDING, T0, 1)
+    assert (stored.state, stored.requested_at) == (SENDING, T0)
 
 
 def test_free_empties_one_slot_only(table: HoldingTable) -> None:
@@ -120,7 +119,7 @@ def test_free_empties_one_slot_only(table: HoldingTable) -> None:
 def test_a_slot_set_to_free_is_not_held(table: HoldingTable) -> None:
     held = payment(4)
     table.write(held)
-    table.set_state(held, FREE)
+    table.mark(held, FREE)
     assert list(table.held()) == []
 
 
@@ -132,7 +131,7 @@ def test_every_slot_up_to_capacity_is_usable(table: HoldingTable) -> None:
 
 
 def test_open_by_name_sees_what_create_wrote(name: str, table: HoldingTable) -> None:
-    held = payment(7, state=SENDING, processor=1, pinned=True, attempts=2, requested_at=T0)
+    held = payment(7, state=SENDING, processor=1, pinned=True, requested_at=T0)
     table.write(held)
     reopened = HoldingTable.open(name)
     try:
@@ -203,7 +202,7 @@ def test_unlink_reports_whether_the_name_existed(name: str) -> None:
 def test_a_forked_process_writes_slots_the_parent_reads(name: str, table: HoldingTable) -> None:
     by_child = [
         payment(0, state=QUEUED),
-        payment(9, state=SENDING, processor=1, pinned=True, attempts=4, requested_at=T0),
+        payment(9, state=SENDING, processor=1, pinned=True, requested_at=T0),
         payment(CAPACITY - 1, state=RECORDING, requested_at=T0 + 1, word_before=123456789),
     ]
     table.write(payment(5))  # the child frees this one
@@ -239,31 +238,27 @@ def queue() -> Iterator[posix_ipc.MessageQueue]:
     created.unlink()
 
 
-def receive_into_slot(table: HoldingTable, queue: posix_ipc.MessageQueue, slot: int) -> None:
+def receive_into_slot(table: HoldingTable, queue: posix_ipc.MessageQueue, slot: int) -> int:
+    """What a dispatcher does before it commits: name the slot, let the kernel copy into it."""
     from native_ledger._mqueue import receive_into
 
     table.stage(slot)
-    assert receive_into(queue.mqd, table.view, table.record_offset(slot)) == 24
-
-
-def is_payment(cents: int) -> bool:
-    return cents > 0
+    return receive_into(queue.mqd, table.view, table.record_offset(slot))
 
 
 def test_a_received_but_uncommitted_record_is_committed_once_on_recovery(name, table, queue):
     correlation_id = uuid4().bytes
     queue.send(wire.encode_payment(correlation_id, 1990))
-    receive_into_slot(table, queue, 3)
+    assert receive_into_slot(table, queue, 3) == 24
     assert queue.current_messages == 0  # the kernel handed it over...
     assert list(table.held()) == []  # ...and the dispatcher died before committing it
     reopened = HoldingTable.open(name)
     try:
-        recovered = reopened.recover_staged(1234, is_payment)
-        assert (recovered.slot, recovered.correlation_id, recovered.cents) == (3, correlation_id,
-                                                                                1990)
-        assert [(p.slot, p.state, p.cents) for p in reopened.held()] == [(3, QUEUED, 1990)]
-        assert reopened.recover_staged(1234, is_payment) is None  # never twice
-        assert len(list(reopened.held())) == 1
+        held, committed = reopened.claim(1234)
+        assert committed
+        assert [(p.slot, p.correlation_id, p.cents, p.state, p.held_since_ms) for p in held] \
+            == [(3, correlation_id, 1990, QUEUED, 1234)]
+        assert reopened.claim(1234) == (held, False)  # never twice
     finally:
         reopened.close()
 
@@ -273,16 +268,17 @@ def test_a_committed_slot_still_named_staging_is_not_taken_again(table, queue):
     receive_into_slot(table, queue, 1)
     correlation_id, cents = wire.decode_payment(table.staged_record(1))
     table.write(HeldPayment(1, correlation_id, cents, 99))  # committed; killed before unstage
-    assert table.recover_staged(100, is_payment) is None
-    assert [(p.slot, p.cents, p.held_since_ms) for p in table.held()] == [(1, 500, 99)]
+    held, committed = table.claim(100)
+    assert not committed
+    assert [(p.slot, p.cents, p.held_since_ms) for p in held] == [(1, 500, 99)]
 
 
 def test_staging_with_nothing_received_or_a_control_record_commits_nothing(table, queue):
     table.stage(2)  # killed before the receive returned
-    assert table.recover_staged(100, is_payment) is None
-    queue.send(wire.encode_payment(bytes(16), -1))  # a control record, not a payment
-    receive_into_slot(table, queue, 2)
-    assert table.recover_staged(100, is_payment) is None
+    assert table.claim(100) == ([], False)
+    queue.send(wire.encode_control(wire.CONTROL_PURGED))  # not a payment
+    assert receive_into_slot(table, queue, 2) == 8
+    assert table.claim(100) == ([], False)
     assert list(table.held()) == []
 
 
@@ -291,4 +287,46 @@ def test_stage_empties_what_an_earlier_payment_left_in_the_slot(table):
     table.free(0)
     table.stage(0)
     assert table.staged_record(0) == bytes(24)
-    assert table.recover_staged(100, is_payment) is None
+    assert table.claim(100) == ([], False)
+
+
+# --- the dispatcher's face: claim, receive, mark, release --------------------------------
+
+
+def test_receive_commits_payments_and_hands_back_control_records(table, queue):
+    table.claim(0)
+    first, second = uuid4().bytes, uuid4().bytes
+    queue.send(wire.encode_payment(first, 1990))
+    queue.send(wire.encode_control(wire.CONTROL_PURGED))
+    queue.send(wire.encode_payment(second, 5))
+    got = [table.receive(queue.mqd, 777) for _ in range(4)]
+    assert isinstance(got[0], HeldPayment) and isinstance(got[2], HeldPayment)
+    assert wire.decode_control(got[1]) == wire.CONTROL_PURGED
+    assert got[3] is None  # the queue is empty
+    assert [(p.correlation_id, p.cents, p.held_since_ms, p.state) for p in table.held()] == [
+        (first, 1990, 777, QUEUED), (second, 5, 777, QUEUED)]
+    assert got[0].slot != got[2].slot
+
+
+def test_a_full_table_says_so_and_a_release_makes_room_once(table, queue):
+    held, _ = table.claim(0)
+    assert held == [] and not table.full
+    taken = []
+    for _ in range(CAPACITY):
+        queue.send(wire.encode_payment(uuid4().bytes, 100))
+        taken.append(table.receive(queue.mqd, 0))
+    assert table.full and len({p.slot for p in taken}) == CAPACITY
+    assert table.release(taken[5]) is True  # the first room in a full table
+    assert table.release(taken[6]) is False
+    assert not table.full
+    assert len(list(table.held())) == CAPACITY - 2
+
+
+def test_claim_leaves_the_slots_in_use_out_of_the_free_ones(table, queue):
+    for slot in range(CAPACITY - 1):
+        table.write(payment(slot))
+    held, _ = table.claim(0)
+    assert len(held) == CAPACITY - 1
+    queue.send(wire.encode_payment(uuid4().bytes, 100))
+    received = table.receive(queue.mqd, 0)
+    assert received.slot == CAPACITY - 1 and table.full

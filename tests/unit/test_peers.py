@@ -13,6 +13,7 @@ from uuid import uuid4
 import pytest
 
 from rinha import wire
+from rinha.health import HealthReport
 from rinha.ledger import DEFAULT, FALLBACK, OWN, PEER, Ledger
 from rinha.peers import (
     RECOVERY_ATTEMPTS,
@@ -226,10 +227,10 @@ class Sync:
         self.ledger = ledger
         self.mine = mine
         self.peer = peer
-        self.health: list[tuple[int, bool, int]] = []
+        self.health: list[HealthReport] = []
         self.sync = PeerSync(
             settings_towards(peer, **env), ledger, mine,
-            lambda *report: self.health.append(report),
+            self.health.append,
         )
 
     @property
@@ -303,7 +304,7 @@ def test_recover_request_to_an_empty_ledger_is_answered_with_zero_datagrams(pair
 )
 def test_health_is_passed_on_decoded(pair: Sync, processor: int, failing: bool, ms: int) -> None:
     pair.handle(wire.encode_health(processor, failing, ms))
-    assert pair.health == [(processor, failing, ms)]
+    assert pair.health == [HealthReport(processor, failing, ms)]
 
 
 @pytest.mark.parametrize(
@@ -362,7 +363,7 @@ def test_recorded_pushes_the_absolute_values_of_the_changed_cells(pair: Sync) ->
 
 
 def test_share_health_sends_it_to_the_peer(pair: Sync) -> None:
-    pair.sync.share_health(FALLBACK, True, 1234)
+    pair.sync.share_health(HealthReport(FALLBACK, True, 1234))
     kind, _, payload, _ = receive(pair.peer)
     assert kind == wire.HEALTH
     assert wire.decode_health(payload) == (FALLBACK, True, 1234)
@@ -374,7 +375,7 @@ def test_a_drop_rate_of_one_sends_nothing(
     pair = Sync(ledger, new_socket(), new_socket(), SYNC_DROP_RATE="1")
     pair.ledger.record(T0, DEFAULT, 1)
     pair.sync.recorded({(T0, DEFAULT)})
-    pair.sync.share_health(DEFAULT, True, 1)
+    pair.sync.share_health(HealthReport(DEFAULT, True, 1))
     pair.handle(wire.encode_datagram(wire.PURGE, 1))
     assert nothing_waiting(pair.peer)
 

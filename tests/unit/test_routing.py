@@ -48,44 +48,34 @@ def probing() -> Circuit:
 
 
 @pytest.mark.parametrize(
-    ("default", "fallback", "held_for_s", "fallback_after_s", "pinned_to", "expected"),
+    ("default", "fallback", "held_for_s", "fallback_after_s", "expected"),
     [
         # Default first, cheap always (invariant 4).
-        (healthy, healthy, 0, 0, None, DEFAULT),
-        (healthy, healthy, 100, 2, None, DEFAULT),
-        (healthy, backing_off, 0, 0, None, DEFAULT),
+        (healthy, healthy, 0, 0, DEFAULT),
+        (healthy, healthy, 100, 2, DEFAULT),
+        (healthy, backing_off, 0, 0, DEFAULT),
         # A failing default: hold, unless the policy says the hold is too long.
-        (backing_off, healthy, 0, 0, None, None),
-        (backing_off, healthy, 10_000, 0, None, None),  # policy 0: never the fallback
-        (backing_off, healthy, 1, 2, None, None),  # held 1 s < 2 s
-        (backing_off, healthy, 1.999, 2, None, None),
-        (backing_off, healthy, 2, 2, None, FALLBACK),  # exactly the policy: long enough
-        (backing_off, healthy, 3, 2, None, FALLBACK),
-        (backing_off, backing_off, 3, 2, None, None),  # the fallback fails too
-        (backing_off, probing, 3, 2, None, None),
-        (backing_off, due, 3, 2, None, FALLBACK),  # the fallback's probe is due
-        (probing, healthy, 3, 2, None, FALLBACK),
-        (probing, healthy, 3, 0, None, None),
+        (backing_off, healthy, 0, 0, None),
+        (backing_off, healthy, 10_000, 0, None),  # policy 0: never the fallback
+        (backing_off, healthy, 1, 2, None),  # held 1 s < 2 s
+        (backing_off, healthy, 1.999, 2, None),
+        (backing_off, healthy, 2, 2, FALLBACK),  # exactly the policy: long enough
+        (backing_off, healthy, 3, 2, FALLBACK),
+        (backing_off, backing_off, 3, 2, None),  # the fallback fails too
+        (backing_off, probing, 3, 2, None),
+        (backing_off, due, 3, 2, FALLBACK),  # the fallback's probe is due
+        (probing, healthy, 3, 2, FALLBACK),
+        (probing, healthy, 3, 0, None),
         # A failing default whose probe is due gets the payment (the probe).
-        (due, healthy, 0, 0, None, DEFAULT),
-        (due_now, healthy, 0, 0, None, DEFAULT),
-        (due, healthy, 3, 2, None, DEFAULT),
-        (probing, backing_off, 0, 0, None, None),  # probe in flight: not admitted
-        # Pinned: only the processor of the earlier attempt, whatever the policy (invariant 3).
-        (healthy, healthy, 0, 0, DEFAULT, DEFAULT),
-        (healthy, healthy, 0, 0, FALLBACK, FALLBACK),
-        (healthy, backing_off, 0, 0, FALLBACK, None),
-        (healthy, probing, 0, 0, FALLBACK, None),
-        (healthy, due, 0, 0, FALLBACK, FALLBACK),
-        (backing_off, healthy, 3, 2, DEFAULT, None),  # pinned: never moves to the fallback
-        (backing_off, healthy, 0, 0, FALLBACK, FALLBACK),
-        (due, healthy, 0, 0, DEFAULT, DEFAULT),
-        (probing, healthy, 100, 2, DEFAULT, None),
+        (due, healthy, 0, 0, DEFAULT),
+        (due_now, healthy, 0, 0, DEFAULT),
+        (due, healthy, 3, 2, DEFAULT),
+        (probing, backing_off, 0, 0, None),  # probe in flight: not admitted
     ],
 )
-def test_choose(default, fallback, held_for_s, fallback_after_s, pinned_to, expected) -> None:
+def test_choose(default, fallback, held_for_s, fallback_after_s, expected) -> None:
     circuits = (default(), fallback())
-    assert choose(circuits, NOW, held_for_s, fallback_after_s, pinned_to) == expected
+    assert choose(circuits, NOW, held_for_s, fallback_after_s) == expected
 
 
 def test_choose_changes_no_circuit() -> None:
