@@ -1,4 +1,6 @@
-"""How soon a payment counted by one instance shows in its peer's summary (DESIGN.md rule 6).
+"""How soon a payment counted by one instance shows in its peer's summary.
+
+docs/architecture.md, invariant 6: a recorded cell is pushed in the loop turn that recorded it.
 
   python benchmarks/peer_visibility.py [--rate 300] [--samples 40] [--batch-s 0.01]
 

@@ -2,7 +2,7 @@
 
 Runs in its own process, outside rinha. It starts `rinha stack` (contest CPU and memory limits
 when root), waits for its "ready" line, runs benchmarks/k6/contest.js (a k6 script shaped like
-the official test, CONTEST.md "The official run"), samples the holding-table depth of both
+the official test, docs/contest.md "The official run"), samples the holding-table depth of both
 instances and each cgroup's CPU, throttling and memory meanwhile, asks the processors how many
 payments they took in each second, stops the stack and prints the score table. Everything
 lands in benchmarks/results/<UTC timestamp>/: result.json, timeline.png, k6.csv (every k6
@@ -52,10 +52,10 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "k6" / "contest.js"
 DEFAULT_RESULTS_DIR = REPO / "benchmarks" / "results"
-K6_VERSION_EXPECTED = "v1.1.0"  # the official run's k6 (CONTEST.md)
+K6_VERSION_EXPECTED = "v1.1.0"  # the official run's k6 (docs/contest.md)
 ADMIN_TOKEN = "123"
 
-# CONTEST.md, "Scoring".
+# docs/contest.md, "Scoring".
 BONUS_P99_CEILING_MS = 11.0
 BONUS_PER_MS = 0.02
 INCONSISTENCY_FINE = 0.35
@@ -77,7 +77,7 @@ def round2(x: float) -> float:
 
 
 def p99_bonus(p99_ms: float) -> float:
-    """CONTEST.md: max((11 - p99) * 0.02, 0), rounded to 2 decimals.
+    """docs/contest.md: max((11 - p99) * 0.02, 0), rounded to 2 decimals.
 
     p99 itself is rounded to 2 decimals first, as the contest's final-round script does.
     """
@@ -839,7 +839,7 @@ def processed_per_second(
 ) -> dict[str, dict[int, int]]:
     """Each processor's payments per whole second of requestedAt, from its admin summary.
 
-    The backend sends requestedAt in whole seconds (DESIGN.md invariant 2), so a window
+    The backend sends requestedAt in whole seconds (docs/architecture.md, invariant 2), so a window
     [S.000, S.999] holds exactly the payments of second S.
     """
     out: dict[str, dict[int, int]] = {}

@@ -3,11 +3,12 @@
 Why not socketify's `app.post`: for every request it builds an AppResponse and an AppRequest
 (each with a cffi handle), asks `inspect` whether the handler is a coroutine function, and for
 every body chunk looks its handler up again; and the response object, referenced only by a cffi
-handle to itself, can be collected mid-request unless the handler pins it (FINDINGS.md). Here the
-route is one object, reached from three module-level callbacks through the user-data handle,
-and a request in progress is a list of chunks under its `uws_res_t` address. Measured with
-benchmarks/budgets.py (3 alternating rounds, POST /payments): worker CPU per request 112-142 us
-with socketify's wrapper, 100-121 us here; server-side p99 0.60-0.93 ms, here 0.40-0.57 ms.
+handle to itself, can be collected mid-request unless the handler pins it (docs/measurements.md,
+socketify). Here the route is one object, reached from three module-level callbacks through the
+user-data handle, and a request in progress is a list of chunks under its `uws_res_t` address.
+Measured with benchmarks/budgets.py (3 alternating rounds, POST /payments): worker CPU per
+request 112-142 us with socketify's wrapper, 100-121 us here; server-side p99 0.60-0.93 ms, here
+0.40-0.57 ms.
 
 uWebSockets' rules kept here: a handler that returns without responding registers an abort
 handler (uWS terminates the process otherwise); a response is ended exactly once, at its last
@@ -99,7 +100,7 @@ class BodyRoute:
         if payload:
             lib.uws_res_write_header(self.ssl, res, b"Content-Type", 12, _JSON, len(_JSON))
         # uws_res_end with an empty body still sends Content-Length: 0, which nginx's
-        # keep-alive upstreams need (FINDINGS.md).
+        # keep-alive upstreams need (docs/measurements.md).
         lib.uws_res_end(self.ssl, res, payload, len(payload), close)
 
 

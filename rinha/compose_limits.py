@@ -35,7 +35,7 @@ __all__ = [
     "service_limits",
 ]
 
-# CONTEST.md, deployment rules: "Sum of deploy.resources.limits over all services: at most
+# docs/contest.md, deployment rules: "Sum of deploy.resources.limits over all services: at most
 # 1.5 CPU and 350 MB". The rule is read against compose values, and Docker parses "350MB" as
 # 350 MiB (go-units RAMInBytes: every unit is binary, "MB" == "MiB" == "M"), so MB means 2^20
 # here too.
@@ -45,7 +45,7 @@ CONTEST_PORT = 9999
 PROCESSOR_NETWORK = "payment-processor"
 
 # The kernel's bookkeeping per queued message (struct msg_msg and its share of the rbtree,
-# ~50-100 B in FINDINGS.md): with the record itself, what RLIMIT_MSGQUEUE is charged.
+# ~50-100 B in docs/measurements.md): with the record itself, what RLIMIT_MSGQUEUE is charged.
 QUEUE_KERNEL_BYTES_PER_MESSAGE = 100
 
 _CPU_TOLERANCE = 1e-9
@@ -128,8 +128,9 @@ def queue_budget_bytes(queue_max_messages: int) -> int:
 def contest_violations(compose: Mapping[str, Any]) -> list[str]:
     """Every deployment rule the parsed compose file breaks, each as a sentence.
 
-    The contest's rules (CONTEST.md, "Deployment rules") and what an API service needs to start
-    at all (DESIGN.md invariant 9: a queue the kernel lets it create). Empty means compliant.
+    The contest's rules (docs/contest.md, "Deployment rules") and what an API service needs to
+    start at all (docs/architecture.md, invariant 9: a queue the kernel lets it create). Empty
+    means compliant.
     """
     return [
         *_limit_violations(compose),

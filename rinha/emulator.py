@@ -5,7 +5,7 @@ one process per emulated processor; the backend never imports it. It owns one li
 and, in memory, that processor's payments table, its admin configuration (delay, failure,
 token) and its two limiters.
 
-It follows CONTEST.md, "Endpoints each processor offers", and the public source of the real
+It follows docs/contest.md, "The two payment processors", and the public source of the real
 processor (zanfranceschi/rinha-de-backend-2025-payment-processor, ``Endpoints.cs``):
 
 * ``POST /payments`` runs the real filter order: the concurrency limiter (800 in flight, 500
@@ -49,10 +49,10 @@ from urllib.parse import parse_qs
 
 import orjson
 
-# CONTEST.md: "A concurrency limiter (800 in flight, 500 queued) answers 429 beyond that."
+# docs/contest.md: at most 800 requests in flight and 500 queued, then 429.
 PAYMENTS_IN_FLIGHT_MAX = 800
 PAYMENTS_QUEUED_MAX = 500
-# CONTEST.md: "up to 2 extra callers are queued until the next window, beyond that 429".
+# docs/contest.md: two more callers wait for the next window, others get 429.
 HEALTH_QUEUED_MAX = 2
 
 # Generous bounds: the processors' clients send a few hundred bytes; anything far beyond is
@@ -195,8 +195,8 @@ def parse_payment(body: bytes) -> Payment | str:
     if isinstance(amount, bool) or not isinstance(amount, int | Decimal):
         return "amount must be a JSON number"
     try:
-        # CONTEST.md: "amount rounded to 2 decimals"; Postgres rounds numeric half away from
-        # zero, which is Decimal's ROUND_HALF_UP.
+        # docs/contest.md: the amount is stored rounded to cents; Postgres rounds numeric half
+        # away from zero, which is Decimal's ROUND_HALF_UP.
         cents = int(Decimal(amount).quantize(CENT, rounding=ROUND_HALF_UP).scaleb(2))
     except (InvalidOperation, ValueError, OverflowError):
         return "amount is out of range"
@@ -292,7 +292,7 @@ class WindowLimiter:
 
     Windows are aligned to the limiter's creation. Each window holds one permit; a caller who
     finds it taken waits (oldest first) for the next window with an unclaimed permit, and
-    each window opening serves one waiter. This is "ONE call per 5 s window" of CONTEST.md.
+    each window opening serves one waiter. This is the one call per 5 s of docs/contest.md.
     """
 
     def __init__(self, window_s: float, queue_max: int) -> None:

@@ -1,8 +1,9 @@
 """The shared poller of the processors' service-health endpoint.
 
 Runs as a task in the dispatcher of the one instance configured with HEALTH_POLL=1. The
-endpoint allows ONE call per 5 s per processor for all callers together (CONTEST.md), so only
-one instance polls and its reports reach the other through peer sync (DESIGN.md invariant 5).
+endpoint allows ONE call per 5 s per processor for all callers together (docs/contest.md), so
+only one instance polls and its reports reach the other through peer sync
+(docs/architecture.md, invariant 5).
 Reports are hints for routing; live payment outcomes stay the primary signal.
 """
 

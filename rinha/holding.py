@@ -1,10 +1,11 @@
 """The holding table: every accepted payment of this instance until it is recorded.
 
 Created by the supervisor, written only by the dispatcher. The kernel queue is a short handoff
-with a small per-user byte budget (FINDINGS.md), while a processor outage holds thousands of
-payments; so the dispatcher moves each payment at once from the queue into a slot here and
-dispatches from the slot. The table lives in shared memory, so it survives the dispatcher: a
-restarted dispatcher re-drives every slot it finds (DESIGN.md invariant 7).
+with a small per-user byte budget (docs/measurements.md), while a processor outage holds
+thousands of payments; so the dispatcher moves each payment at once from the queue into a slot
+here and dispatches from the slot. The table lives in shared memory, so it survives the
+dispatcher: a restarted dispatcher re-drives every slot it finds (docs/architecture.md,
+invariant 7).
 
 A slot's state says what a restarted dispatcher must do with it:
   QUEUED     never sent, or the last attempt definitely failed: send it like a new one; if

@@ -2,13 +2,13 @@
 
 Runs in each socketify worker process (WORKERS of them share PORT through SO_REUSEPORT).
 Owns nothing but its App: the queue and the ledger belong to the supervisor, which created
-them before forking. A worker never calls a processor (DESIGN.md invariant 1): a payment is
-validated, written to the POSIX queue as a 24-byte record and answered 202 at once.
+them before forking. A worker never calls a processor (docs/architecture.md, invariant 1): a
+payment is validated, written to the POSIX queue as a 24-byte record and answered 202 at once.
 
 Handlers are synchronous and the loop is uv_run, not socketify's app.run(): app.run() busy-polls
-a core and async handlers crashed under load (FINDINGS.md, socketify). The POST routes, which
-read a body, run on uWS's C API through body_route.py, POST /payments in C for the bodies it is
-certain about (native_ledger/_intake.c); the GET routes use socketify's app.get.
+a core and async handlers crashed under load (docs/measurements.md, socketify). The POST routes,
+which read a body, run on uWS's C API through body_route.py, POST /payments in C for the bodies
+it is certain about (native_ledger/_intake.c); the GET routes use socketify's app.get.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _instant(name: str, text: str | None) -> wire.Instant | None:
 
 class Intake:
     """One worker's HTTP face. Built in the child after fork (a socketify App made before fork
-    aborted a child: FINDINGS.md)."""
+    aborted a child: docs/measurements.md)."""
 
     def __init__(self, settings: Settings, queue: posix_ipc.MessageQueue, ledger: Ledger,
                  heartbeat: Callable[[], None] | None = None) -> None:

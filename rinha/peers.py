@@ -1,7 +1,7 @@
 """Peer sync: each instance keeps a mirror of the other's ledger, over UDP.
 
 The UDP socket is bound by the supervisor (so a restarted dispatcher keeps it) and served from
-the dispatcher's loop. What travels (formats in wire.py, all absolute values, DESIGN.md
+the dispatcher's loop. What travels (formats in wire.py, all absolute values, docs/architecture.md,
 invariant 6):
   - the OWN cells recorded in a loop turn, at once, coalesced into one datagram;
   - every SYNC_RESEND_S, the OWN cells of the last RESEND_WINDOW_S seconds, which heals losses;

@@ -1,7 +1,8 @@
 """Routing: which processor gets the next payment, if any. Pure, no I/O, table-tested.
 
-Used by the dispatcher. The fallback charges three times the default's fee (CONTEST.md), so a
-payment is held while the default fails and sent when it recovers (DESIGN.md invariant 4);
+Used by the router. The fallback charges three times the default's fee (docs/contest.md), so a
+payment is held while the default fails and sent when it recovers (docs/architecture.md,
+invariant 4);
 the fallback is used only when a payment has been held longer than FALLBACK_AFTER_S (0, the
 default, never). Live outcomes are the primary signal; the shared health poll only hints.
 

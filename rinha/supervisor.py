@@ -193,7 +193,7 @@ def _run_child(child: ChildSpec, parent: int) -> None:
         prctl.die_with_parent(parent, signal.SIGKILL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         # SIGTERM keeps its default action in workers: a Python handler never runs while a
-        # worker sits in uv_run (FINDINGS.md). Ctrl-C is the supervisor's to coordinate.
+        # worker sits in uv_run (docs/measurements.md). Ctrl-C is the supervisor's to coordinate.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -213,8 +213,8 @@ def _run_child(child: ChildSpec, parent: int) -> None:
 
 class InstanceLock:
     """One running instance per name: an flock held for the supervisor's whole life, so the
-    queue and segments of a running instance are never taken over (DESIGN.md invariant 8),
-    while those of a crashed one are reopened and re-driven."""
+    queue and segments of a running instance are never taken over (docs/architecture.md,
+    invariant 8), while those of a crashed one are reopened and re-driven."""
 
     def __init__(self, path: str) -> None:
         self._path = path

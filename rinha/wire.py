@@ -3,7 +3,8 @@
 Used by the intake workers (payment record onto the queue), the dispatcher (the same record off
 the queue, the processor request body) and the summary (money and instants as the contest's
 JSON prints them). Money is integer cents everywhere: the contest's consistency check compares
-our totals with the processors' to the cent, and floats would drift (DESIGN.md invariant 2).
+our totals with the processors' to the cent, and floats would drift (docs/architecture.md,
+invariant 2).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from datetime import UTC, datetime
 from decimal import Decimal, DecimalException
 
 # The queue record: 16 raw UUID bytes and the amount in cents. 24 bytes keeps the kernel's
-# per-user message-queue budget for as many messages as possible (FINDINGS.md, posix_ipc).
+# per-user message-queue budget for as many messages as possible (docs/measurements.md,
+# "POSIX message queues").
 PAYMENT_RECORD = struct.Struct("<16sq")
 PAYMENT_RECORD_SIZE = PAYMENT_RECORD.size
 
@@ -185,7 +187,7 @@ def window_seconds(
 # Peer sync datagrams ------------------------------------------------------------------------
 # header: magic, version, kind, nonce; then a payload whose shape depends on the kind.
 # Cells carry ABSOLUTE values (second, processor, count, cents), never deltas, so a lost,
-# duplicated or reordered datagram heals with the next one (DESIGN.md invariant 6).
+# duplicated or reordered datagram heals with the next one (docs/architecture.md, invariant 6).
 
 DATAGRAM_MAGIC = b"RQ"
 DATAGRAM_VERSION = 1

@@ -1,4 +1,4 @@
-// A local run shaped like the official Rinha de Backend 2025 test (CONTEST.md, "The official
+// A local run shaped like the official Rinha de Backend 2025 test (docs/contest.md, "The official
 // run" and "Scoring"), written from that description for `benchmarks/run_contest.py`.
 //
 //   k6 run benchmarks/k6/contest.js                       # 550 VUs over 60 s, like the contest
@@ -37,7 +37,7 @@ const P99_BUDGET_MS = positiveNumber('P99_BUDGET_MS', 11);
 const MAX_INCONSISTENCIES = nonNegativeNumber('MAX_INCONSISTENCIES', 0);
 const SUMMARY_JSON = __ENV.SUMMARY_JSON || '';
 
-// Fees used only if the processors' admin summary does not say (CONTEST.md: 5 % and 15 %).
+// Fees used only if the processors' admin summary does not say (docs/contest.md: 5 % and 15 %).
 const FEE_RATE_DEFAULT = { default: 0.05, fallback: 0.15 };
 const AMOUNT = 19.9;
 const HTTP_TIMEOUT = '1500ms';
@@ -50,7 +50,7 @@ const BONUS_P99_CEILING_MS = 11;
 const BONUS_PER_MS = 0.02;
 const INCONSISTENCY_FINE = 0.35;
 
-// CONTEST.md, "Processor schedule": at `at_s`, each processor's delay (ms) and failure switch.
+// docs/contest.md, "The official run": at `at_s`, each processor's delay (ms) and failure switch.
 const SCHEDULE = [
   { at_s: 1, default: { delay_ms: 0, failure: false }, fallback: { delay_ms: 0, failure: false } },
   { at_s: 10, default: { delay_ms: 100, failure: false }, fallback: { delay_ms: 0, failure: false } },
@@ -182,7 +182,7 @@ function parseJson(res) {
 const toCents = (amount) => Math.round(Number(amount) * 100);
 
 export function setup() {
-  // CONTEST.md: the test purges the backend once at start and ignores failure.
+  // docs/contest.md: the test purges the backend once at start and ignores failure.
   http.post(`${BACKEND_URL}/purge-payments`, null, { timeout: '5s', tags: { name: 'purge' } });
   for (const processor of Object.keys(PROCESSORS)) {
     admin('POST', processor, 'purge-payments', null, 'admin_purge');
@@ -263,7 +263,7 @@ export function teardown() {
   }
 }
 
-// --- the score (CONTEST.md, "Scoring"); benchmarks/run_contest.py:score() is the same formula.
+// --- the score (docs/contest.md, "Scoring"); benchmarks/run_contest.py:score() is the same formula.
 
 const round2 = (x) => Math.round(x * 100) / 100;
 

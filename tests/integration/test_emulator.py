@@ -1,7 +1,7 @@
 """The payment-processor emulator (rinha/emulator.py), run as a real subprocess over real HTTP.
 
 Each test gets a fresh emulator on a free port, so configuration changes (delay, failure,
-token) and rows never leak between tests. The behaviours checked are the ones CONTEST.md
+token) and rows never leak between tests. The behaviours checked are the ones docs/contest.md
 states for the real processors.
 """
 

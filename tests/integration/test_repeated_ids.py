@@ -1,7 +1,7 @@
 """Repeated correlationIds through real processes: counted exactly as the processors store them.
 
 The processors keep one payment per correlationId (a second one gets 422). Whatever we are sent,
-our summary must equal what they hold: never more (CONTEST.md: reporting more disqualifies).
+our summary must equal what they hold: never more (docs/contest.md: reporting more disqualifies).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def _load_runner():
 
 rc = _load_runner()
 
-# CONTEST.md, "The official run": (at_s, default (delay, failure), fallback (delay, failure)).
+# docs/contest.md, "The official run": (at_s, default (delay, failure), fallback (delay, failure)).
 CONTEST_SCHEDULE = [
     {"at_s": at, "default": {"delay_ms": dd, "failure": df},
      "fallback": {"delay_ms": fd, "failure": ff}}
@@ -54,7 +54,7 @@ def _score(**overrides):
 
 
 def test_the_best_2025_entry_scores_what_the_contest_published():
-    # CONTEST.md: 380,036 for 16,752 payments all on default, p99 1.25 ms, no inconsistency.
+    # docs/contest.md: 380,036 for 16,752 payments all on default, p99 1.25 ms, no inconsistency.
     s = _score(default_requests=16752, default_cents=16752 * 1990, p99_ms=1.25, accepted=16752)
     assert s.total_amount == 333364.80
     assert s.fees == 16668.24
@@ -66,7 +66,7 @@ def test_the_best_2025_entry_scores_what_the_contest_published():
 
 @pytest.mark.parametrize(("p99_ms", "bonus"), [
     (11.0, 0.0), (25.0, 0.0), (10.0, 0.02), (9.0, 0.04), (5.0, 0.12), (1.0, 0.20),
-    (1.25, 0.20),  # CONTEST.md: "p99 <= 1.25 ms already rounds to the full 20 %"
+    (1.25, 0.20),  # docs/contest.md: the full 20 % at p99 <= 1.25 ms
     (1.244, 0.20), (4.48, 0.13), (10.76, 0.0), (10.74, 0.01), (0.5, 0.21),
 ])
 def test_p99_bonus(p99_ms, bonus):

@@ -112,7 +112,7 @@ def _pip(stage: list[Instruction], subcommand: str) -> tuple[list[str], list[str
 
 
 def test_every_stage_is_linux_amd64() -> None:
-    # CONTEST.md: linux-amd64 images; socketify ships only a linux-amd64 .so.
+    # docs/contest.md: linux-amd64 images; socketify ships only a linux-amd64 .so.
     for stage in STAGES:
         assert "--platform=linux/amd64" in stage[0][1].split(), stage[0]
 
