@@ -17,8 +17,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-# Exactly what pyproject.toml needs to build: the metadata, its readme, and the two packages
-# listed under [tool.setuptools] packages (tests/unit/test_dockerfile.py checks the list).
+# Exactly what the serving path needs to build: the metadata, its readme, and its two packages.
+# The lab (rinha_lab: emulator, stack) is not copied, so the wheel cannot contain it
+# (tests/unit/test_dockerfile.py checks the list, tests/integration/test_image_contents.py
+# builds the wheel from these alone).
 COPY pyproject.toml README.md ./
 COPY native_ledger ./native_ledger
 COPY rinha ./rinha

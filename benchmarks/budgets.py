@@ -43,7 +43,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rinha import cgroups  # noqa: E402
+from rinha_lab import cgroups  # noqa: E402
 
 # k6, tcpdump and the processor emulators share the last CPU: what is measured is the instance,
 # not how the harness's own bursts land on the instance's CPU.

@@ -589,7 +589,9 @@ class HoldingProbe:
     """Counts one instance's held payments (the queue depth) without disturbing it."""
 
     def __init__(self, instance_name: str) -> None:
-        self.name = f"/rinha-{instance_name}-holding"
+        from rinha.settings import load
+
+        self.name = load({"INSTANCE_NAME": instance_name}).holding_name
         self._table = None
 
     def depth(self) -> int | None:

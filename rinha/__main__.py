@@ -32,14 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "serve":
         return serve(rest)
-    if command == "processor":
-        from rinha import emulator
-
-        return emulator.main(rest)
-    if command == "stack":
-        from rinha import stack
-
-        return stack.main(rest)
+    if command in ("processor", "stack"):
+        try:
+            from rinha_lab import emulator, stack
+        except ImportError:
+            print(f"rinha {command} is part of the local lab (rinha_lab), which is not installed "
+                  "here (a container has only the serving path): run it from a clone of the "
+                  "repository set up with scripts/setup.sh", file=sys.stderr)
+            return 2
+        return (emulator if command == "processor" else stack).main(rest)
     print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 
@@ -117,7 +118,7 @@ def run_worker(settings: Settings, resources: Resources, slot: int) -> None:
 def run_dispatcher(
     settings: Settings, resources: Resources, sync_socket: socket.socket | None, slot: int
 ) -> None:
-    from rinha import cgroups
+    from rinha.cpu_quota import under_cpu_quota
     from rinha.dispatcher import Dispatcher
     from rinha.pacing import paced_event_loop, yield_cpu_to_workers
 
@@ -125,7 +126,7 @@ def run_dispatcher(
                             sync_socket, heartbeat=lambda: resources.heartbeats.beat(slot))
     idle = settings.dispatcher_idle_priority
     if idle is None:
-        idle = cgroups.under_cpu_quota()
+        idle = under_cpu_quota()
     if idle:
         yield_cpu_to_workers()
     try:

@@ -16,7 +16,7 @@ must be recorded before anyone asks, not within a millisecond) gives way in two 
   Outside one it would yield to every process of the machine: with one CPU hog beside a test
   posting 8,000 payments on this 2-core machine, it could not drain the kernel queue and the
   workers answered 503 to 5,512 of them. So DISPATCHER_IDLE_PRIORITY=auto (the default)
-  applies it only under a CPU quota (cgroups.under_cpu_quota). Nice 10 or 19 instead of
+  applies it only under a CPU quota (cpu_quota.py). Nice 10 or 19 instead of
   SCHED_IDLE measured the worker p99 of normal priority (0.61-0.82 ms).
 
 benchmarks/budgets.py (550 payments/s, the instance on one CPU under a 0.5-CPU quota, 2 runs

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -21,9 +19,12 @@ import httpx
 
 from rinha.settings import load as load_settings
 from rinha.transport import PooledTransport
+from rinha_lab.launcher import Launched
+from rinha_lab.stack import nginx_argv, peering
 
 ADMIN = {"X-Rinha-Token": "123", "Content-Type": "application/json"}
 LOG_DIR = Path(os.environ.get("RINHA_TEST_LOGS", "/tmp/rinha-test-logs"))
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -54,30 +55,20 @@ def port_open(port: int) -> bool:
 
 
 class Process:
-    """A child process with its output in a log file (read it when a test fails)."""
+    """A child process launched as the lab launches everything (rinha_lab/launcher.py), with
+    its output in a log file (read it when a test fails)."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        self._log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen(
-            argv, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.launched = Launched(argv, env=env, log_path=self.log_path)
+        self.popen = self.launched.popen
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.launched.log()
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        self._log.close()
-        return self.popen.returncode
+        return self.launched.stop(grace_s=timeout)
 
 
 class Emulator(Process):
@@ -149,6 +140,11 @@ class Instance(Process):
         response.raise_for_status()
         return response.json()
 
+    @property
+    def settings(self):  # type: ignore[no-untyped-def]
+        """The instance's settings as it reads them: its queue and segment names among them."""
+        return load_settings(self.env)
+
     def child_pids(self, role_prefix: str) -> list[int]:
         """Pids of this supervisor's children whose process name starts with rinha-<prefix>."""
         children = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children")
@@ -215,38 +211,29 @@ def backend_totals(instance: Instance, params: dict | None = None) -> dict[str, 
 
 
 class Nginx(Process):
-    """nginx from the repository's nginx.conf, rendered for local instances (as `rinha stack`)."""
+    """nginx from the repository's nginx.conf, rendered for local instances as `rinha stack`
+    renders it."""
 
     def __init__(self, *instances: Instance) -> None:
-        import shutil
         import tempfile
-
-        from rinha.nginx_conf import render_local
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        run_dir = tempfile.mkdtemp(prefix="rinha-nginx-")
-        conf = render_local(
-            (Path(__file__).parent.parent / "nginx.conf").read_text(),
-            api_addrs=tuple(f"127.0.0.1:{i.port}" for i in instances),
-            listen=f"127.0.0.1:{self.port}", run_dir=run_dir,
-        )
-        conf_path = Path(run_dir) / "nginx.conf"
-        conf_path.write_text(conf)
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        super().__init__("nginx", [binary, "-p", f"{run_dir}/", "-e", "stderr", "-c",
-                                   str(conf_path)], {})
+        run_dir = Path(tempfile.mkdtemp(prefix="rinha-nginx-"))
+        argv = nginx_argv(REPO / "nginx.conf", [f"127.0.0.1:{i.port}" for i in instances],
+                          f"127.0.0.1:{self.port}", run_dir)
+        super().__init__("nginx", argv, {})
         wait_until(lambda: port_open(self.port))
 
 
 def peered_pair(default: Emulator, fallback: Emulator, **env: str) -> tuple[Instance, Instance]:
     """api1 and api2 as compose peers them: UDP sync both ways, only api1 polls health."""
     sync = [free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)]
-    common = {"SYNC_HOST": "127.0.0.1", "SYNC_RECOVER_TIMEOUT_S": "0.3", **env}
-    first = Instance(default, fallback, SYNC_PORT=str(sync[0]), PEER_ADDR=f"127.0.0.1:{sync[1]}",
-                     HEALTH_POLL="1", **common)
-    second = Instance(default, fallback, SYNC_PORT=str(sync[1]),
-                      PEER_ADDR=f"127.0.0.1:{sync[0]}", HEALTH_POLL="0", **common)
+    common = {"SYNC_RECOVER_TIMEOUT_S": "0.3", **env}
+    first = Instance(default, fallback, **peering("127.0.0.1", sync, 0), HEALTH_POLL="1",
+                     **common)
+    second = Instance(default, fallback, **peering("127.0.0.1", sync, 1), HEALTH_POLL="0",
+                      **common)
     return first.wait_ready(), second.wait_ready()
 
 
@@ -264,7 +251,7 @@ def region_totals(instance: Instance, region: int) -> tuple[int, int]:
     itself; PEER: its mirror of its peer)."""
     from rinha.ledger import Ledger
 
-    ledger = Ledger.open(f"/rinha-{instance.name}-ledger")
+    ledger = Ledger.open(instance.settings.ledger_name)
     try:
         d_count, d_cents, f_count, f_cents = ledger.region_summary(region, None, None)
     finally:
@@ -287,12 +274,12 @@ def leftovers(instance: Instance) -> dict[str, int]:
 
     from rinha.holding import QUEUED, HoldingTable
 
-    table = HoldingTable.open(f"/rinha-{instance.name}-holding")
+    table = HoldingTable.open(instance.settings.holding_name)
     try:
         held = list(table.held())
     finally:
         table.close()
-    queue = posix_ipc.MessageQueue(f"/rinha-{instance.name}-queue")
+    queue = posix_ipc.MessageQueue(instance.settings.queue_name)
     try:
         in_queue = queue.current_messages
     finally:

@@ -1,4 +1,4 @@
-"""The payment-processor emulator (rinha/emulator.py), run as a real subprocess over real HTTP.
+"""The payment-processor emulator (rinha_lab/emulator.py), run as a real subprocess over real HTTP.
 
 Each test gets a fresh emulator on a free port, so configuration changes (delay, failure,
 token) and rows never leak between tests. The behaviours checked are the ones docs/contest.md
@@ -80,7 +80,7 @@ def emulator() -> Iterator[Emulator]:
         [
             sys.executable,
             "-m",
-            "rinha.emulator",
+            "rinha_lab.emulator",
             "--port",
             str(port),
             "--fee",

@@ -27,7 +27,7 @@ def settled(instance) -> bool:
     """Nothing accepted is still waiting in the instance's holding table."""
     from rinha.holding import HoldingTable
 
-    table = HoldingTable.open(f"/rinha-{instance.name}-holding")
+    table = HoldingTable.open(instance.settings.holding_name)
     try:
         return table.depth() == 0
     finally:

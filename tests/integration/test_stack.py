@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rinha import compose_limits
+from rinha_lab import compose_limits
 from tests.processes import free_port, post_payments, wait_until
 
 REPO = Path(__file__).resolve().parents[2]

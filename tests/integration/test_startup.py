@@ -12,7 +12,7 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
-from rinha.cgroups import under_cpu_quota
+from rinha.cpu_quota import under_cpu_quota
 from tests.processes import Instance, free_port, post_payments, wait_until
 
 

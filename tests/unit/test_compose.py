@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from rinha import settings
-from rinha.compose_limits import (
+from rinha_lab.compose_limits import (
     CONTEST_CPUS,
     CONTEST_MEMORY_BYTES,
     api_services,
@@ -27,7 +27,7 @@ from rinha.compose_limits import (
     queue_budget_bytes,
     service_environment,
 )
-from rinha.nginx_conf import COMPOSE_LISTEN, COMPOSE_UPSTREAMS
+from rinha_lab.nginx_conf import COMPOSE_LISTEN, COMPOSE_UPSTREAMS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_PATH = ROOT / "docker-compose.yml"
@@ -250,7 +250,7 @@ def test_nginx_upstreams_are_the_api_services(compose: Compose) -> None:
         for name, service in api_services(compose).items()
     ]
     assert sorted(upstreams) == sorted(expected)
-    # The local stack rewrites exactly these addresses (rinha/nginx_conf.py).
+    # The local stack rewrites exactly these addresses (rinha_lab/nginx_conf.py).
     assert sorted(COMPOSE_UPSTREAMS) == sorted(expected)
 
 

@@ -2,7 +2,7 @@
 
 The image must run `rinha serve` as a non-root user on linux/amd64, with socketify's system
 library and every dependency pyproject.toml declares; hadolint checks the rest. The local
-stack's nginx.conf (rinha/nginx_conf.py) must be one nginx accepts, and must refuse a compose
+stack's nginx.conf (rinha_lab/nginx_conf.py) must be one nginx accepts, and must refuse a compose
 nginx.conf it cannot rewrite.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from rinha.nginx_conf import COMPOSE_UPSTREAMS, RUN_PATH_DIRECTIVES, render_local
+from rinha_lab.nginx_conf import COMPOSE_UPSTREAMS, RUN_PATH_DIRECTIVES, render_local
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -157,9 +157,11 @@ def test_the_builder_copies_what_pyproject_builds_from() -> None:
         if keyword == "COPY":
             sources = [w for w in arguments.split() if not w.startswith("--")][:-1]
             copied.update(source.rstrip("/") for source in sources)
-    needed = {"pyproject.toml", PYPROJECT["project"]["readme"]}
-    needed.update(PYPROJECT["tool"]["setuptools"]["packages"])
+    # The serving path's packages, and not the lab: the wheel the image installs is built
+    # from what the builder copied (tests/integration/test_image_contents.py builds it).
+    needed = {"pyproject.toml", PYPROJECT["project"]["readme"], "rinha", "native_ledger"}
     assert needed <= copied
+    assert "rinha_lab" not in copied and "." not in copied
 
 
 def test_the_final_user_is_not_root() -> None:
@@ -193,7 +195,7 @@ def test_hadolint_accepts_the_dockerfile() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# nginx.conf as the local stack runs it (rinha/nginx_conf.py).
+# nginx.conf as the local stack runs it (rinha_lab/nginx_conf.py).
 
 LOCAL_ADDRS = ("127.0.0.1:18081", "127.0.0.1:18082")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from rinha import cgroups
-from rinha.cgroups import under_cpu_quota
+from rinha.cpu_quota import under_cpu_quota
 from rinha.pacing import paced_event_loop
+from rinha_lab import cgroups
 
 
 def count_wakeups(min_interval_s: float, events: int,
@@ -111,7 +111,7 @@ def test_the_dispatcher_priority_drop_is_sched_idle():
     assert int(out.stdout) == os.SCHED_IDLE
 
 
-# cgroups.under_cpu_quota decides DISPATCHER_IDLE_PRIORITY=auto: a fake cgroup tree each.
+# cpu_quota.under_cpu_quota decides DISPATCHER_IDLE_PRIORITY=auto: a fake cgroup tree each.
 
 def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ def test_no_cpu_controller_files_means_no_quota(tmp_path: Path) -> None:
 def test_a_process_in_a_real_quota_group_sees_it() -> None:
     parent = f"rinha-test-{os.getpid()}"
     group = cgroups.make(parent, "limited", 0.5, None)
-    code = "from rinha import cgroups; print(cgroups.under_cpu_quota())"
+    code = "from rinha.cpu_quota import under_cpu_quota; print(under_cpu_quota())"
     try:
         inside = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 check=True, timeout=30, preexec_fn=cgroups.joiner(group))

@@ -81,7 +81,7 @@ def render_local(text: str, *, api_addrs: tuple[str, str], listen: str, run_dir:
         )
     else:
         text = "daemon off;\n" + text
-    return "# Rendered from nginx.conf by rinha.nginx_conf.render_local: edit that file.\n" + text
+    return "# Rendered from nginx.conf by rinha_lab/nginx_conf.py: edit that file.\n" + text
 
 
 def _local_path(run_dir: str, compose_path: str) -> str:
@@ -97,6 +97,6 @@ def _replace_once(
     if count != 1:
         raise ValueError(
             f"nginx.conf must contain `{anchor}` exactly once on a line of its own "
-            f"(found {count}); the local stack rewrites it (rinha/nginx_conf.py)"
+            f"(found {count}); the local stack rewrites it (rinha_lab/nginx_conf.py)"
         )
     return new_text

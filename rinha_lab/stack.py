@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -30,8 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rinha import cgroups, compose_limits, prctl
-from rinha.nginx_conf import render_local
+from rinha_lab import cgroups, compose_limits
+from rinha_lab.launcher import Launched
+from rinha_lab.nginx_conf import render_local
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
@@ -47,7 +47,7 @@ class Child:
     env: dict[str, str]
     url: str
     cgroup: dict[str, str] = field(default_factory=dict)
-    popen: subprocess.Popen[bytes] | None = None
+    process: Launched | None = None
     extra: dict[str, str] = field(default_factory=dict)
     ports: list[tuple[str, int, int]] = field(default_factory=list)  # host, port, socket type
     restarts: list[float] = field(default_factory=list)
@@ -87,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def peering(host: str, sync_ports: list[int], index: int) -> dict[str, str]:
+    """The sync settings of instance `index` of a pair on one host: it listens on its own
+    port, its peer is the other one (what docker-compose.yml spells with service names)."""
+    return {"SYNC_HOST": host, "SYNC_PORT": str(sync_ports[index]),
+            "PEER_ADDR": f"{host}:{sync_ports[1 - index]}"}
+
+
+def nginx_argv(conf: Path, api_addrs: list[str], listen: str, run_dir: Path) -> list[str]:
+    """Render `conf` (the compose file's nginx.conf) for local addresses into `run_dir` and
+    return the command that runs Debian's nginx on it in the foreground."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        raise OSError("nginx not found: install Debian's nginx (scripts/setup.sh does)")
+    rendered = render_local(conf.read_text(), api_addrs=tuple(api_addrs), listen=listen,
+                            run_dir=str(run_dir))
+    conf_path = run_dir / "nginx.conf"
+    conf_path.write_text(rendered)
+    return [binary, "-p", f"{run_dir}/", "-e", "stderr", "-c", str(conf_path)]
+
+
 class PortsTaken(RuntimeError):
     """A port the stack needs is held by someone else."""
 
@@ -121,9 +141,6 @@ class Stack:
         api_ports = _ports(args.api_ports, 2, "--api-ports")
         sync_ports = _ports(args.sync_ports, 2, "--sync-ports")
         processor_ports = _ports(args.processor_ports, 2, "--processor-ports")
-        nginx_binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not os.path.exists(nginx_binary):
-            raise OSError("nginx not found: install Debian's nginx (see README, set-up)")
         if args.limits == "contest" and os.geteuid() != 0:
             raise OSError("--limits contest needs root (it creates cgroups)")
 
@@ -153,9 +170,7 @@ class Stack:
                 "INSTANCE_NAME": f"{args.instance_prefix}-{name}",
                 "HOST": "127.0.0.1",
                 "PORT": str(api_ports[index]),
-                "SYNC_HOST": "127.0.0.1",
-                "SYNC_PORT": str(sync_ports[index]),
-                "PEER_ADDR": f"127.0.0.1:{sync_ports[1 - index]}",
+                **peering("127.0.0.1", sync_ports, index),
                 "PROCESSOR_DEFAULT_URL": urls[0],
                 "PROCESSOR_FALLBACK_URL": urls[1],
             })
@@ -167,15 +182,9 @@ class Stack:
                        ("127.0.0.1", sync_ports[index], socket.SOCK_DGRAM)],
             ))
 
-        conf = render_local(
-            Path(args.nginx_conf).read_text(),
-            api_addrs=(f"127.0.0.1:{api_ports[0]}", f"127.0.0.1:{api_ports[1]}"),
-            listen=f"127.0.0.1:{args.port}", run_dir=str(run_dir),
-        )
-        conf_path = run_dir / "nginx.conf"
-        conf_path.write_text(conf)
         children.append(Child(
-            "nginx", [nginx_binary, "-p", f"{run_dir}/", "-e", "stderr", "-c", str(conf_path)],
+            "nginx", nginx_argv(Path(args.nginx_conf), [f"127.0.0.1:{p}" for p in api_ports],
+                                f"127.0.0.1:{args.port}", run_dir),
             {}, f"http://127.0.0.1:{args.port}",
             ports=[("127.0.0.1", args.port, socket.SOCK_STREAM)],
         ))
@@ -230,17 +239,17 @@ class Stack:
     def _restart(self, child: Child) -> bool:
         """Start an exited child again, as `restart: unless-stopped` would; False once it
         has exited too often to keep trying."""
-        assert child.popen is not None
+        assert child.process is not None
         log = self.run_dir / f"{child.name}.log"
-        _signal_session(child, signal.SIGKILL)  # whatever it left behind in its session
+        child.process.signal_session(signal.SIGKILL)  # whatever it left behind in its session
         now = time.monotonic()
         child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
         if len(child.restarts) > RESTARTS_PER_WINDOW:
             print(f"rinha stack: {child.name} exited {len(child.restarts)} times in "
-                  f"{RESTART_WINDOW_S:.0f} s (last: {child.popen.returncode}); stopping. "
+                  f"{RESTART_WINDOW_S:.0f} s (last: {child.process.poll()}); stopping. "
                   f"See {log}", file=sys.stderr)
             return False
-        print(f"rinha stack: {child.name} exited with {child.popen.returncode}; restarting "
+        print(f"rinha stack: {child.name} exited with {child.process.poll()}; restarting "
               f"it (see {log})", file=sys.stderr, flush=True)
         self._start(child)
         self._write_description()
@@ -248,7 +257,7 @@ class Stack:
 
     def _exited_child(self) -> Child | None:
         for child in self.children:
-            if child.popen is not None and child.popen.poll() is not None:
+            if child.process is not None and child.process.poll() is not None:
                 return child
         return None
 
@@ -256,53 +265,37 @@ class Stack:
         self._stopping = True
 
     def _start(self, child: Child) -> None:
-        log = open(self.run_dir / f"{child.name}.log", "ab")
-        enter_cgroups = cgroups.joiner(child.cgroup)
-        stack_pid = os.getpid()
-
-        def before_exec() -> None:
-            enter_cgroups()
-            # SIGTERM, so that each child stops its own children (nginx its workers, an
-            # instance its workers and dispatcher) when the stack is gone.
-            prctl.die_with_parent(stack_pid, signal.SIGTERM)
-
-        child.popen = subprocess.Popen(
-            child.argv, env={**os.environ, **child.env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=before_exec,
-        )
-        log.close()
+        # SIGTERM if the stack dies first: each child then stops its own children (nginx its
+        # workers, an instance its workers and dispatcher).
+        child.process = Launched(child.argv, env=child.env,
+                                 log_path=self.run_dir / f"{child.name}.log", cgroup=child.cgroup)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for child in self.children:
             path = "/payments-summary" if not child.name.startswith("processor") else None
             while not _answers(child.url, path):
-                if child.popen is not None and child.popen.poll() is not None:
+                if child.process is not None and child.process.poll() is not None:
                     raise TimeoutError(f"{child.name} exited; see {self.run_dir}/{child.name}.log")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{child.name} did not answer within {READY_TIMEOUT_S} s")
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        """SIGTERM every child (its whole session), wait, SIGKILL, reap, remove the cgroups."""
+        """SIGTERM every child, wait, SIGKILL what is left of each, remove the cgroups."""
         for child in reversed(self.children):
-            _signal_session(child, signal.SIGTERM)
+            if child.process is not None:
+                child.process.signal_session(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for child in self.children:
-            if child.popen is None:
-                continue
-            try:
-                child.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_session(child, signal.SIGKILL)
-                child.popen.wait()
-            _signal_session(child, signal.SIGKILL)  # strays left in its session, if any
+            if child.process is not None:
+                child.process.stop(grace_s=max(0.0, deadline - time.monotonic()))
         if self.cgroup_parent is not None:
             cgroups.remove(self.cgroup_parent, [c.cgroup for c in self.children])
 
     def _write_description(self) -> None:
         def entry(child: Child) -> dict[str, object]:
-            pid = child.popen.pid if child.popen else None
+            pid = child.process.pid if child.process else None
             return {"url": child.url, "pid": pid, **child.extra}
 
         by_name = {c.name: c for c in self.children}
@@ -323,7 +316,7 @@ class Stack:
     def _print_map(self) -> None:
         print(f"rinha stack (limits: {self.limits}), logs and stack.json in {self.run_dir}")
         for child in self.children:
-            pid = child.popen.pid if child.popen else "-"
+            pid = child.process.pid if child.process else "-"
             where = child.url
             if "instance_name" in child.extra:
                 where += f"  sync udp :{child.env['SYNC_PORT']}"
@@ -343,15 +336,6 @@ def _ports(text: str, count: int, option: str) -> list[int]:
     if len(ports) != count or not all(0 < p < 65536 for p in ports):
         raise ValueError(f"{option} takes {count} comma-separated ports")
     return ports
-
-
-def _signal_session(child: Child, signo: int) -> None:
-    if child.popen is None:
-        return
-    try:
-        os.killpg(child.popen.pid, signo)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _answers(url: str, path: str | None) -> bool:

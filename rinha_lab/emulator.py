@@ -1,6 +1,6 @@
 """Payment-processor emulator: a local stand-in for the contest's two payment processors.
 
-Runs in its own process (``python -m rinha.emulator --port P --fee F``, or ``rinha processor``),
+Runs in its own process (``python -m rinha_lab.emulator --port P --fee F``, or ``rinha processor``),
 one process per emulated processor; the backend never imports it. It owns one listening socket
 and, in memory, that processor's payments table, its admin configuration (delay, failure,
 token) and its two limiters.
