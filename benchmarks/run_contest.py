@@ -6,20 +6,30 @@ the official test, docs/contest.md "The official run"), samples the holding-tabl
 instances and each cgroup's CPU, throttling and memory meanwhile, asks the processors how many
 payments they took in each second, stops the stack and prints the score table. Everything
 lands in benchmarks/results/<UTC timestamp>/: result.json, timeline.png, k6.csv (every k6
-sample), k6-summary.json (what the k6 script computed) and stack.json.
+sample), k6-summary.json (what the k6 script computed), k6.log and stack.json.
 
     python benchmarks/run_contest.py [--max-requests 550] [--duration-scale 1] [--no-limits]
                                      [--p99-budget-ms 11] [--results-dir DIR]
+                                     [--floor | --repeat N [--no-interleave]]
 
-Exit status: 0 when the run completed within its thresholds (p99 below --p99-budget-ms, no
-inconsistency), 1 when a threshold was crossed, 2 when the run could not be made.
+--floor runs the same k6 script against the floor: nginx (the same nginx.conf, ports and
+cgroup limits) answering POST /payments and GET /payments-summary by itself, no rinha behind
+it, the emulators running as usual; its p99 is what k6, loopback and nginx cost on this
+machine. --repeat N runs N rounds of floor then product and prints the medians of each and
+the product's p99 as a multiple of the floor's (summary.json beside every run's folder).
+
+Exit status: 0 when every run completed within its thresholds (p99 below --p99-budget-ms, no
+inconsistency), 1 when a threshold was crossed, 2 when a run could not be made, 130 when
+interrupted.
 
 Whatever happens (Ctrl-C, SIGTERM, SIGHUP, an exception) the runner stops k6 and the stack
-before it exits: SIGTERM to the stack (it stops its children), then SIGTERM and SIGKILL to
-its process group, then SIGKILL to any process named in stack.json that outlived it.
+before it exits. Both are started with rinha_lab.launcher.Launched: a session of their own, and
+they die with this runner even if it is killed with SIGKILL; `rinha stack` stops its children
+on SIGTERM and its children die with it too.
 
-The pure parts (score, percentiles, per-second series, schedule shading, the result's shape)
-are at the top and tested in tests/unit/test_benchmark_score.py.
+The pure parts (score, percentiles, per-second series, schedule shading, the result's shape,
+the floor's nginx.conf, medians and the --repeat summary) are at the top and tested in
+tests/unit/test_benchmark_score.py.
 """
 
 from __future__ import annotations
@@ -27,15 +37,16 @@ from __future__ import annotations
 import argparse
 import atexit
 import csv
-import ctypes
 import http.client
 import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -48,6 +59,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from rinha_lab import cgroups, compose_limits
+from rinha_lab.launcher import Launched
+from rinha_lab.nginx_conf import render_local
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "k6" / "contest.js"
@@ -65,7 +80,14 @@ STACK_READY_TIMEOUT_S = 120.0
 STACK_STOP_TIMEOUT_S = 30.0
 K6_STOP_TIMEOUT_S = 10.0
 SCHEMA_VERSION = 1
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+MODES = ("floor", "product")  # the order of a --repeat round
+
+# The floor listens where `rinha stack` does by default, with the compose file's nginx.
+COMPOSE = REPO / "docker-compose.yml"
+NGINX_CONF = REPO / "nginx.conf"
+FLOOR_PORT = 9999
+FLOOR_PROCESSOR_PORTS = (8001, 8002)
+FLOOR_UNUSED_UPSTREAMS = ("127.0.0.1:9001", "127.0.0.1:9002")  # nothing proxies there
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -379,6 +401,9 @@ def format_table(result: Mapping) -> str:
     s = result["score"]
     k6 = (result["k6"] or {}).get("summary") or {}
     lines = [f"rinha local contest run, {c.get('started_at', '?')}"]
+    if c.get("mode") == "floor":
+        lines = [f"floor run (nginx answering by itself, no rinha), {c.get('started_at', '?')}",
+                 "  the floor's score, lag and payments describe no backend: read its p99 and CPU"]
     if s is None:
         lines.append("  no score: k6 did not produce its summary (see k6's output above)")
     else:
@@ -452,6 +477,177 @@ def format_table(result: Mapping) -> str:
     return "\n".join(lines)
 
 
+# --- the floor and --repeat (pure) -------------------------------------------------------------
+
+FLOOR_PAYMENTS_LOCATION = """\
+location / {
+    # The floor: nginx answers POST /payments (and any other path) itself, as rinha does:
+    # 202 and an empty body. No instance behind it.
+    return 202;
+}"""
+FLOOR_SUMMARY_LOCATION = """\
+location = /payments-summary {
+    # The floor: a constant zero summary, the shape rinha answers.
+    default_type application/json;
+    return 200 '{"default":{"totalRequests":0,"totalAmount":0},\
+"fallback":{"totalRequests":0,"totalAmount":0}}';
+}"""
+
+
+def floor_nginx_conf(rendered: str) -> str:
+    """nginx.conf as rendered for the local stack, with its two locations answered by nginx.
+
+    Everything else (one worker, connections, keep-alive, timeouts, buffers) stays as the
+    product runs it, so the floor differs from the product by the backend alone. The upstream
+    block stays, unused. ValueError if either location is not there exactly once.
+    """
+    text = rendered
+    for spec, body in (("/", FLOOR_PAYMENTS_LOCATION),
+                       ("= /payments-summary", FLOOR_SUMMARY_LOCATION)):
+        pattern = re.compile(rf"^([ \t]*)location[ \t]+{re.escape(spec)}[ \t]*\{{.*?^\1\}}[ \t]*$",
+                             re.MULTILINE | re.DOTALL)
+
+        def replace(match: re.Match, body: str = body) -> str:
+            return "\n".join(match.group(1) + line if line else line
+                             for line in body.splitlines())
+
+        text, count = pattern.subn(replace, text)
+        if count != 1:
+            raise ValueError(f"nginx.conf must hold `location {spec} {{ ... }}` exactly once"
+                             f" (found {count}); the floor replaces it")
+    return "# The floor (benchmarks/run_contest.py --floor): no rinha behind nginx.\n" + text
+
+
+def round_order(repeat: int, interleave: bool = True) -> list[tuple[int, str]]:
+    """The (round, mode) runs of --repeat: floor and product alternating, or every floor
+    first and then every product (--no-interleave)."""
+    rounds = range(1, repeat + 1)
+    if interleave:
+        return [(n, mode) for n in rounds for mode in MODES]
+    return [(n, mode) for mode in MODES for n in rounds]
+
+
+def median(values: Iterable[float | int | None]) -> float | None:
+    """The median of the values that are not None; None when there are none."""
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    return float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+# The figures of one run that --repeat takes medians of.
+FIGURES = ("p99_ms", "p99_expected_response_ms", "final_score", "inconsistencies", "lag",
+           "default_pct", "failed_posts", "stack_cpu_s", "nginx_cpu_s", "k6_cpu_s",
+           "machine_busy_cores")
+
+
+def run_figures(result: Mapping) -> dict:
+    """What --repeat compares, from one run's result.json (None where the run has no value).
+
+    stack_cpu_s: every cgroup of the run (api1 + api2 + nginx; the floor: nginx alone).
+    default_pct: the share of the backend's final summary on the default processor.
+    """
+    c = result.get("conditions") or {}
+    s = result.get("score") or {}
+    k6 = (result.get("k6") or {}).get("summary") or {}
+    backend = k6.get("backend_summary") or {}
+    on_default = (backend.get("default") or {}).get("totalRequests")
+    on_fallback = (backend.get("fallback") or {}).get("totalRequests")
+    total = (on_default or 0) + (on_fallback or 0)
+    cpu = {name: u.get("cpu_s") for name, u in (result.get("cgroups") or {}).items()}
+    known = [v for v in cpu.values() if v is not None]
+    return {
+        "mode": c.get("mode", "product"),
+        "started_at": c.get("started_at"),
+        "load_average_at_start": c.get("load_average_at_start"),
+        "exit_code": (result.get("k6") or {}).get("exit_code"),
+        "p99_ms": s.get("p99_ms"),
+        "p99_expected_response_ms": (k6.get("http") or {}).get("p99_expected_response_ms"),
+        "final_score": s.get("final"),
+        "inconsistencies": s.get("inconsistencies"),
+        "lag": s.get("lag"),
+        "default_pct": 100 * on_default / total if total else None,
+        "failed_posts": (k6.get("payments") or {}).get("failed"),
+        "stack_cpu_s": sum(known) if known else None,
+        "nginx_cpu_s": cpu.get("nginx"),
+        "k6_cpu_s": c.get("k6_cpu_s"),
+        "machine_busy_cores": c.get("machine_busy_cores"),
+        "dir": (result.get("files") or {}).get("dir"),
+    }
+
+
+def repeat_summary(runs: Sequence[Mapping], conditions: Mapping) -> dict:
+    """summary.json of --repeat: every run's figures, the medians of each mode, and the
+    product's p99 as a multiple of the floor's (of the medians, and round by round)."""
+    medians = {mode: {key: median(r.get(key) for r in runs if r["mode"] == mode)
+                      for key in FIGURES} for mode in MODES}
+    by_round: dict[int, dict[str, Mapping]] = defaultdict(dict)
+    for r in runs:
+        by_round[r["round"]][r["mode"]] = r
+    per_round = [ratio(pair["product"].get("p99_ms"), pair["floor"].get("p99_ms"))
+                 for _, pair in sorted(by_round.items()) if len(pair) == len(MODES)]
+    return {
+        "schema": SCHEMA_VERSION,
+        "conditions": dict(conditions),
+        "runs": [dict(r) for r in runs],
+        "count": {mode: sum(1 for r in runs if r["mode"] == mode) for mode in MODES},
+        "median": medians,
+        "p99_ratio": ratio(medians["product"]["p99_ms"], medians["floor"]["p99_ms"]),
+        "p99_ratio_per_round": per_round,
+        "p99_ratio_per_round_median": median(per_round),
+    }
+
+
+def format_repeat_table(summary: Mapping) -> str:
+    """The medians table printed at the end of --repeat."""
+    c = summary["conditions"]
+    med, count = summary["median"], summary["count"]
+    rows = [
+        ("p99 ms", "p99_ms", ".2f"),
+        ("p99 2XX/3XX ms", "p99_expected_response_ms", ".2f"),
+        ("final score", "final_score", ",.2f"),
+        ("inconsistencies", "inconsistencies", ".0f"),
+        ("lag", "lag", ".0f"),
+        ("% default", "default_pct", ".1f"),
+        ("failed POSTs", "failed_posts", ".0f"),
+        ("CPU s cgroups", "stack_cpu_s", ".2f"),
+        ("CPU s nginx", "nginx_cpu_s", ".2f"),
+        ("CPU s k6", "k6_cpu_s", ".2f"),
+        ("machine cores", "machine_busy_cores", ".2f"),
+    ]
+    load = " ".join(f"{x:.2f}" for x in c.get("load_average_at_start") or [])
+    load_end = " ".join(f"{x:.2f}" for x in c.get("load_average_at_end") or [])
+    order = "interleaved" if c.get("interleave") else "every floor first"
+    floor_head, product_head = (f"{mode} ({count[mode]})" for mode in ("floor", "product"))
+    lines = [
+        f"rinha --repeat {c.get('repeat')} ({order}), {c.get('started_at', '?')},"
+        f" load {load or '?'} at start, {load_end or '?'} at end, limits {c.get('limits')},"
+        f" MAX_REQUESTS {c.get('max_requests')}, DURATION_SCALE {c.get('duration_scale')}",
+        f"  {'median of':<18} {floor_head:>14} {product_head:>14}",
+    ]
+    for label, key, spec in rows:
+        lines.append(f"  {label:<18} {_num(med['floor'][key], spec):>14}"
+                     f" {_num(med['product'][key], spec):>14}")
+    per_round = ", ".join(_num(x, ".2f") for x in summary["p99_ratio_per_round"])
+    lines.append(f"  product/floor p99  {_num(summary['p99_ratio'], '.2f')} x (of the medians;"
+                 f" round by round: {per_round or 'n/a'})")
+    lines.append("  runs:")
+    for r in summary["runs"]:
+        run_load = r.get("load_average_at_start") or []
+        lines.append(
+            f"    {r['round']:>2} {r['mode']:<8} p99 {_num(r.get('p99_ms'), '.2f', ' ms'):>10}"
+            f"  score {_num(r.get('final_score')):>12}  load {run_load[0] if run_load else '?'}"
+            f"  {r.get('dir') or ''}")
+    return "\n".join(lines)
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -504,15 +700,6 @@ def _git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{rev}{'-dirty' if dirty.strip() else ''}" if rev else None
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: tells a process from a later one that reused its pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def read_cpu_times() -> tuple[int, int] | None:
@@ -647,193 +834,257 @@ class Sampler(threading.Thread):
             probe.close()
 
 
-class Stack:
-    """`python -m rinha stack` as a child in its own session; stop() always leaves nothing."""
+class Output(threading.Thread):
+    """Copies a launched process's output pipe into its log file as it comes.
 
-    def __init__(self, limits: str, run_dir: Path, log_path: Path) -> None:
-        self.limits = limits
-        self.run_dir = run_dir
+    Lines are echoed to this runner's stdout (with `prefix`) until `ready_line` is seen, or
+    always when there is none; the process never blocks on a full pipe.
+    """
+
+    def __init__(self, name: str, launched: Launched, log_path: Path, prefix: str,
+                 ready_line: bytes | None = None) -> None:
+        super().__init__(name=f"{name}-output", daemon=True)
+        self.pipe = launched.popen.stdout
         self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.info: dict = {}
-        self._ready = threading.Event()
-        self._children: dict[int, int | None] = {}  # pid -> start time, from stack.json
+        self.prefix = prefix
+        self.ready_line = ready_line
+        self.ready = threading.Event()
 
-    def start(self) -> None:
-        argv = [sys.executable, "-m", "rinha", "stack", "--limits", self.limits,
-                "--run-dir", str(self.run_dir)]
-        print(f"starting: {' '.join(argv[1:])}", flush=True)
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_stopped_with_runner())
-        threading.Thread(target=self._pump, name="stack-output", daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with open(self.log_path, "wb") as log:
-            for line in self.proc.stdout:
+    def run(self) -> None:
+        assert self.pipe is not None
+        with self.pipe, open(self.log_path, "ab") as log:
+            for line in self.pipe:
                 log.write(line)
                 log.flush()
-                if not self._ready.is_set():
-                    print(f"  stack: {line.decode(errors='replace').rstrip()}", flush=True)
-                    if line.strip() == b"ready":
-                        self._ready.set()
+                if not self.ready.is_set():
+                    print(f"{self.prefix}{line.decode(errors='replace').rstrip()}", flush=True)
+                    if self.ready_line is not None and line.strip() == self.ready_line:
+                        self.ready.set()
 
-    def wait_ready(self, timeout: float) -> dict:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.2):
-            if self.proc.poll() is not None:
-                raise RunError(f"rinha stack exited with {self.proc.returncode} before ready;"
-                               f" its log: {self.log_path}\n{self._log_tail()}")
-            if time.monotonic() > deadline:
-                raise RunError(f"rinha stack not ready within {timeout:.0f} s;"
-                               f" its log: {self.log_path}\n{self._log_tail()}")
-        self.info = json.loads((self.run_dir / "stack.json").read_text())
-        for pid in _pids_in(self.info):
-            self._children[pid] = _proc_start_time(pid)
-        return self.info
-
-    def _log_tail(self, lines: int = 30) -> str:
+    def tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
 
+
+class ProductStack:
+    """`python -m rinha stack`: its own session, dies with this runner (rinha_lab.launcher).
+
+    `rinha stack` stops its children on SIGTERM and makes each of them die with it, so
+    stopping it (SIGTERM, then SIGKILL to its session after STACK_STOP_TIMEOUT_S) stops all.
+    """
+
+    def __init__(self, limits: str, run_dir: Path, out_dir: Path) -> None:
+        self.limits = limits
+        self.run_dir = run_dir
+        self.log_path = out_dir / "stack.log"
+        self.process: Launched | None = None
+        self.output: Output | None = None
+        self.info: dict = {}
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "rinha", "stack", "--limits", self.limits,
+                "--run-dir", str(self.run_dir)]
+        print(f"starting: {' '.join(argv[1:])}", flush=True)
+        self.process = Launched(argv, cwd=REPO)
+        self.output = Output("stack", self.process, self.log_path, "  stack: ",
+                             ready_line=b"ready")
+        self.output.start()
+
+    def wait_ready(self, timeout: float) -> dict:
+        assert self.process is not None and self.output is not None
+        deadline = time.monotonic() + timeout
+        while not self.output.ready.wait(0.2):
+            if self.process.poll() is not None:
+                self.output.join(5)
+                raise RunError(f"rinha stack exited with {self.process.poll()} before ready;"
+                               f" its log: {self.log_path}\n{self.output.tail()}"
+                               f"{_named_log_tail(self.output.tail())}")
+            if time.monotonic() > deadline:
+                raise RunError(f"rinha stack not ready within {timeout:.0f} s;"
+                               f" its log: {self.log_path}\n{self.output.tail()}")
+        self.info = json.loads((self.run_dir / "stack.json").read_text())
+        return self.info
+
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
+        process, self.process = self.process, None
+        if process is None:
             return
-        pgid = proc.pid  # start_new_session: the stack leads its own process group
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STACK_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                print("rinha stack did not stop on SIGTERM; SIGTERM to its group", flush=True)
-                _signal_group(pgid, signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    _signal_group(pgid, signal.SIGKILL)
-                    proc.wait()
-        # Whatever of its group outlived it (a child it failed to stop) goes now.
-        if _group_alive(pgid):
-            time.sleep(1)
-            if _group_alive(pgid):
-                print("processes of the stack's group outlived it; SIGKILL", flush=True)
-                _signal_group(pgid, signal.SIGKILL)
-        # The stack puts each child in a session of its own; if the stack could not stop them
-        # (or was killed), every process still in one of those sessions goes now.
-        for pid in _session_members(self._children):
-            print(f"pid {pid} (a session of stack.json) outlived the stack; SIGKILL", flush=True)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        process.stop(grace_s=STACK_STOP_TIMEOUT_S)
+        if self.output is not None:
+            self.output.join(5)
+        _wait_gone(_pids_in(self.info), "rinha stack")
 
 
-def _stopped_with_runner():
-    """A preexec_fn: the child gets SIGTERM if this runner dies without cleaning up (SIGKILL).
+class FloorStack:
+    """The floor: the same ports, emulators and nginx limits, but nginx answers by itself.
 
-    The children live in sessions of their own (so a terminal's Ctrl-C reaches only the
-    runner, which then stops them in order); PR_SET_PDEATHSIG covers the one exit the runner
-    cannot handle. libc is loaded here, in the parent: the child only makes two system calls.
+    nginx runs the repository's nginx.conf rendered as `rinha stack` renders it, with its two
+    locations replaced (floor_nginx_conf): POST /payments gets `return 202`, GET
+    /payments-summary a constant zero summary; no rinha instance runs. Both processor emulators
+    run as in the stack, so k6's setup, schedule and consistency checks make the same calls.
+    nginx gets nginx's docker-compose.yml limits in a cgroup when limits are on.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
 
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the runner died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+    def __init__(self, limits: str, run_dir: Path, out_dir: Path) -> None:
+        self.limits = limits
+        self.run_dir = run_dir
+        self.processes: dict[str, Launched] = {}
+        self.cgroup_parent: str | None = None
+        self.cgroup: dict[str, str] = {}
+        self.info: dict = {}
 
-    return preexec
+    def start(self) -> None:
+        taken = [str(port) for port in (FLOOR_PORT, *FLOOR_PROCESSOR_PORTS)
+                 if not _port_free("127.0.0.1", port)]
+        if taken:
+            raise RunError(f"ports already in use: {', '.join(taken)} (another stack or run?)")
+        conf = self.run_dir / "nginx.conf"
+        conf.write_text(floor_nginx_conf(render_local(
+            NGINX_CONF.read_text(), api_addrs=FLOOR_UNUSED_UPSTREAMS,
+            listen=f"127.0.0.1:{FLOOR_PORT}", run_dir=str(self.run_dir))))
+        if self.limits == "contest":
+            _remove_stale_floor_cgroups()
+            limit = compose_limits.load_limits(COMPOSE)["nginx"]
+            self.cgroup_parent = f"rinha-floor-{os.getpid()}"
+            self.cgroup = cgroups.make(self.cgroup_parent, "nginx", limit.cpus,
+                                       limit.memory_bytes)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        argvs = {
+            f"processor-{role}": [sys.executable, "-m", "rinha", "processor", "--port", str(port),
+                                  "--fee", fee]
+            for role, port, fee in zip(("default", "fallback"), FLOOR_PROCESSOR_PORTS,
+                                       ("0.05", "0.15"), strict=True)
+        }
+        argvs["nginx"] = [nginx, "-p", f"{self.run_dir}/", "-e", "stderr", "-c", str(conf)]
+        print(f"starting the floor: both emulators and nginx alone on :{FLOOR_PORT}"
+              f" (limits {self.limits}), logs in {self.run_dir}", flush=True)
+        for name, argv in argvs.items():
+            self.processes[name] = Launched(
+                argv, cwd=REPO, log_path=self.run_dir / f"{name}.log",
+                cgroup=self.cgroup if name == "nginx" else None)
+
+    def wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in (
+            ("processor-default", FLOOR_PROCESSOR_PORTS[0]),
+            ("processor-fallback", FLOOR_PROCESSOR_PORTS[1]), ("nginx", FLOOR_PORT))}
+        for name, process in self.processes.items():
+            # An emulator is up when its port is (as for `rinha stack`): its health endpoint
+            # answers once per 5 s only. nginx is up when it answers the summary.
+            while not (_answers(urls[name] + "/payments-summary") if name == "nginx"
+                       else _port_open(urls[name])):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    state = ("exited" if process.poll() is not None
+                             else f"did not answer within {timeout:.0f} s")
+                    tail = "\n".join(process.log().splitlines()[-30:])
+                    raise RunError(f"floor: {name} {state}; its log:"
+                                   f" {process.log_path}\n{tail}")
+                time.sleep(0.05)
+
+        def entry(name: str) -> dict:
+            return {"url": urls[name], "pid": self.processes[name].pid}
+
+        self.info = {
+            "mode": "floor", "limits": self.limits, "run_dir": str(self.run_dir),
+            "nginx": entry("nginx"),
+            "processors": {role: entry(f"processor-{role}") for role in ("default", "fallback")},
+            "instances": {}, "cgroups": {"nginx": self.cgroup} if self.cgroup else {},
+        }
+        (self.run_dir / "stack.json").write_text(json.dumps(self.info, indent=2))
+        print(f"  floor ready: nginx pid {self.info['nginx']['pid']}", flush=True)
+        return self.info
+
+    def stop(self) -> None:
+        processes, self.processes = self.processes, {}
+        for process in reversed(processes.values()):
+            process.stop(grace_s=STACK_STOP_TIMEOUT_S)
+        if self.cgroup_parent is not None:
+            cgroups.remove(self.cgroup_parent, [self.cgroup])
+            self.cgroup_parent = None
 
 
-def _pids_in(info: Mapping) -> list[int]:
-    pids = []
-    for group in ("processors", "instances"):
-        for entry in (info.get(group) or {}).values():
-            if isinstance(entry, Mapping) and isinstance(entry.get("pid"), int):
-                pids.append(entry["pid"])
-    nginx = info.get("nginx") or {}
-    if isinstance(nginx.get("pid"), int):
-        pids.append(nginx["pid"])
-    return pids
-
-
-def _session_members(leaders: Mapping[int, int | None]) -> list[int]:
-    """Live processes in the sessions led by `leaders` (pid -> start time when recorded).
-
-    A member of such a session started after its leader; that check keeps a session id whose
-    pid was reused by an unrelated process after the whole session died from matching.
-    """
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        session, started = int(fields[3]), int(fields[19])
-        leader_started = leaders.get(session)
-        if leader_started is not None and started >= leader_started and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
-def _signal_group(pgid: int, sig: int) -> None:
+def _named_log_tail(text: str, lines: int = 5) -> str:
+    """The end of the child's log that `rinha stack`'s last words name ("see X.log"): why a
+    child exited (on a shared machine, often root's message-queue budget taken by others)."""
+    named = re.findall(r"see (/\S+\.log)", text)
+    if not named:
+        return ""
     try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        tail = Path(named[-1]).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return f"\n--- the end of {named[-1]}:\n" + "\n".join(tail)
 
 
-def _group_alive(pgid: int) -> bool:
+def _remove_stale_floor_cgroups() -> None:
+    """A floor whose runner was SIGKILLed leaves its cgroups behind (its nginx died with the
+    runner, so they are empty): remove those whose runner no longer runs."""
+    for parent in (cgroups.CGROUP_ROOT / "cpu").glob("rinha-floor-*"):
+        pid = parent.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            cgroups.remove(parent.name, [{c: str(cgroups.CGROUP_ROOT / c / parent.name / "nginx")
+                                          for c in cgroups.CONTROLLERS}])
+
+
+def _answers(url: str) -> bool:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=1)
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        conn.request("GET", parts.path or "/")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
         return False
-    except PermissionError:
-        return True
+    finally:
+        conn.close()
+
+
+def _port_open(url: str) -> bool:
+    parts = urlsplit(url)
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((parts.hostname, parts.port or 80)) == 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
     return True
 
 
-class K6:
-    """The k6 run, in its own session so that stopping it is our decision alone."""
+def _pids_in(info: Mapping) -> list[int]:
+    """The pids stack.json names (the processors, the instances and nginx)."""
+    entries = [*(info.get("processors") or {}).values(), *(info.get("instances") or {}).values(),
+               info.get("nginx") or {}]
+    return [e["pid"] for e in entries if isinstance(e, Mapping) and isinstance(e.get("pid"), int)]
 
-    def __init__(self, argv: list[str], env: Mapping[str, str]) -> None:
-        self.argv = argv
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-        self.cpu_s: float | None = None
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, cwd=REPO,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_stopped_with_runner())
+def _wait_gone(pids: Sequence[int], what: str, timeout_s: float = 10.0) -> None:
+    """Wait until the processes `what` named have exited (their ports are then free for the
+    next run); nothing is killed here: they die with the stack. Warn about any still there."""
+    deadline = time.monotonic() + timeout_s
+    alive = list(pids)
+    while alive:
+        alive = [pid for pid in alive if _running(pid)]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if alive:
+        print(f"warning: pids {alive} named by {what} still run {timeout_s:.0f} s after it"
+              " stopped", flush=True)
 
-    def wait(self) -> int:
-        """k6's exit code; k6's own CPU time (it shares the cores with the stack) in cpu_s."""
-        assert self.proc is not None
-        _, status, usage = os.wait4(self.proc.pid, 0)
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
-        self.cpu_s = usage.ru_utime + usage.ru_stime
-        return self.proc.returncode
 
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        # SIGINT is k6's own "stop now": it still runs teardown and handleSummary.
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(K6_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def processed_per_second(
@@ -866,13 +1117,15 @@ def processed_per_second(
     return out
 
 
-def conditions(args: argparse.Namespace, limits: str, k6_version_text: str) -> dict:
+def conditions(args: argparse.Namespace, limits: str, k6_version_text: str,
+               mode: str = "product") -> dict:
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = None
     return {
         "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "mode": mode,
         "nproc": affinity or os.cpu_count(),
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
@@ -917,7 +1170,8 @@ def draw_timeline(result: Mapping, path: Path) -> None:
     s = result.get("score") or {}
     c = result["conditions"]
     fig.suptitle(
-        f"rinha local contest run {c.get('started_at')}: final {_num(s.get('final'))},"
+        f"{'floor' if c.get('mode') == 'floor' else 'rinha local contest'} run"
+        f" {c.get('started_at')}: final {_num(s.get('final'))},"
         f" p99 {_num(s.get('p99_ms'), '.2f', ' ms')}, inconsistencies {s.get('inconsistencies')},"
         f" lag {s.get('lag')}; limits {c.get('limits')}, MAX_REQUESTS {c.get('max_requests')}",
         fontsize=10)
@@ -1038,12 +1292,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              " env P99_BUDGET_MS)")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR,
                         help="where the timestamped result folder goes")
+    parser.add_argument("--floor", action="store_true",
+                        help="run k6 against nginx answering by itself (no rinha): this"
+                             " machine's floor, the p99 every product figure is stated against")
+    parser.add_argument("--repeat", type=int, metavar="N",
+                        help="N rounds of floor and product; prints the medians of each and"
+                             " the product/floor p99 ratio, writes summary.json")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --repeat: floor, product, floor, product... (default); "
+                             "--no-interleave runs every floor first")
     args = parser.parse_args(argv)
     if args.max_requests < 1:
         parser.error("--max-requests must be at least 1")
     if args.duration_scale <= 0:
         parser.error("--duration-scale must be positive")
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.repeat is not None and args.floor:
+        parser.error("--repeat already runs the floor in every round; drop --floor")
     return args
+
+
+def _new_dir(path: Path) -> Path:
+    """Make `path`, or `path-2`, `path-3`... when runs start within the same second."""
+    candidate, n = path, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
 
 
 def _raise_interrupted(signum: int, _frame) -> None:
@@ -1052,8 +1331,28 @@ def _raise_interrupted(signum: int, _frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    previous_handlers = {sig: signal.signal(sig, _raise_interrupted)
+                         for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # Started in the background by a non-interactive shell, SIGINT arrives ignored; Ctrl-C
+    # (or `kill -INT`) must still stop the run and everything it started.
+    previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return run(args)
+        k6 = find_k6()
+        version = k6_version(k6)
+        if version != K6_VERSION_EXPECTED:
+            print(f"warning: k6 {version}, the contest uses {K6_VERSION_EXPECTED}", flush=True)
+        limits = "off" if args.no_limits else "contest"
+        if limits == "contest" and os.geteuid() != 0:
+            print("not root: cgroup limits need root, running with --limits off", flush=True)
+            limits = "off"
+        name = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        if args.repeat is not None:
+            out_dir = _new_dir(args.results_dir / f"{name}-repeat")
+            return run_repeat(args, k6, version, limits, out_dir)
+        mode = "floor" if args.floor else "product"
+        out_dir = _new_dir(args.results_dir / (f"{name}-floor" if args.floor else name))
+        status, _ = run(args, mode, k6, version, limits, out_dir)
+        return status
     except RunError as exc:
         print(f"run_contest: {exc}", file=sys.stderr)
         return 2
@@ -1061,24 +1360,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run_contest: interrupted ({str(exc) or 'SIGINT'}); k6 and the stack are stopped",
               file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
 
-def run(args: argparse.Namespace) -> int:
-    k6 = find_k6()
-    version = k6_version(k6)
-    if version != K6_VERSION_EXPECTED:
-        print(f"warning: k6 {version}, the contest uses {K6_VERSION_EXPECTED}", flush=True)
-    limits = "off" if args.no_limits else "contest"
-    if limits == "contest" and os.geteuid() != 0:
-        print("not root: cgroup limits need root, running with --limits off", flush=True)
-        limits = "off"
+def run_repeat(args: argparse.Namespace, k6: str, version: str, limits: str,
+               out_dir: Path) -> int:
+    """--repeat N: the rounds, each run in its own folder, summary.json after every run (so an
+    interrupted series keeps what it measured), the medians table at the end."""
+    order = round_order(args.repeat, args.interleave)
+    cond = conditions(args, limits, version, mode="repeat")
+    cond.update(repeat=args.repeat, interleave=args.interleave)
+    runs: list[dict] = []
+    worst = 0
+    summary_path = out_dir / "summary.json"
+    for n, (round_no, mode) in enumerate(order, 1):
+        print(f"\n=== run {n}/{len(order)}: round {round_no}, {mode} ===", flush=True)
+        try:
+            status, result = run(args, mode, k6, version, limits,
+                                 _new_dir(out_dir / f"{round_no:02d}-{mode}"))
+        except RunError as exc:
+            print(f"run_contest: {exc}", file=sys.stderr)
+            status, result = 2, None
+        worst = max(worst, status)
+        if result is not None:
+            runs.append({"round": round_no, **run_figures(result)})
+        cond["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        summary = repeat_summary(runs, cond)
+        summary_path.write_text(json.dumps(summary, indent=1))
+        if status == 2:
+            print(f"run {n} could not be made: the series stops here ({summary_path})",
+                  file=sys.stderr)
+            break
+    print()
+    print(format_repeat_table(summary))
+    print(f"  summary            {summary_path}")
+    return worst
 
-    out_dir = args.results_dir / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    out_dir.mkdir(parents=True, exist_ok=False)
-    run_dir = Path(tempfile.mkdtemp(prefix="rinha-bench-"))
-    cond = conditions(args, limits, version)
-    stack = Stack(limits, run_dir, out_dir / "stack.log")
-    k6_run: K6 | None = None
+
+def run(args: argparse.Namespace, mode: str, k6: str, version: str, limits: str,
+        out_dir: Path) -> tuple[int, dict | None]:
+    """One run (product or floor) into `out_dir`: (exit status, result.json's content)."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"rinha-bench-{mode}-"))
+    cond = conditions(args, limits, version, mode)
+    stack = (FloorStack if mode == "floor" else ProductStack)(limits, run_dir, out_dir)
+    k6_run: Launched | None = None
     sampler: Sampler | None = None
     done = False
 
@@ -1091,7 +1418,7 @@ def run(args: argparse.Namespace) -> int:
                     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             if k6_run is not None:
-                k6_run.stop()
+                k6_run.stop(grace_s=K6_STOP_TIMEOUT_S)
             if sampler is not None:
                 sampler.stop()
             stack.stop()
@@ -1101,11 +1428,6 @@ def run(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler)
 
     atexit.register(cleanup)
-    previous_handlers = {sig: signal.signal(sig, _raise_interrupted)
-                         for sig in (signal.SIGTERM, signal.SIGHUP)}
-    # Started in the background by a non-interactive shell, SIGINT arrives ignored; Ctrl-C
-    # (or `kill -INT`) must still stop the run and everything it started.
-    previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack.start()
         info = stack.wait_ready(STACK_READY_TIMEOUT_S)
@@ -1118,11 +1440,11 @@ def run(args: argparse.Namespace) -> int:
 
         summary_path = out_dir / "k6-summary.json"
         csv_path = out_dir / "k6.csv"
-        argv = [k6, "run", "--out", f"csv={csv_path}",
+        # --quiet: no progress lines (k6 writes to a pipe); --address "": no REST API server
+        # (its port 6565 may be another k6's).
+        argv = [k6, "run", "--quiet", "--address", "", "--out", f"csv={csv_path}",
                 "--system-tags", "status,method,name,scenario,expected_response",
                 str(SCRIPT)]
-        if not sys.stdout.isatty():
-            argv.insert(2, "--quiet")
         k6_env = {
             "K6_CSV_TIME_FORMAT": "unix_milli",
             "K6_NO_USAGE_REPORT": "true",
@@ -1134,20 +1456,27 @@ def run(args: argparse.Namespace) -> int:
             "DURATION_SCALE": str(args.duration_scale),
             "P99_BUDGET_MS": str(args.p99_budget_ms),
             "SUMMARY_JSON": str(summary_path),
+            "MODE": mode,
         }
-        k6_run = K6(argv, k6_env)
         first = {name: read_cgroup(paths) for name, paths in cgroup_paths.items()}
         cpu_first, k6_started = read_cpu_times(), time.monotonic()
         runner_first = resource.getrusage(resource.RUSAGE_SELF)
-        print(f"k6 run: {args.max_requests} VUs, duration scale {args.duration_scale},"
-              f" results in {out_dir}", flush=True)
-        k6_run.start()
+        print(f"k6 run ({mode}): {args.max_requests} VUs, duration scale {args.duration_scale}"
+              f" (about {60 * args.duration_scale + 10:.0f} s), results in {out_dir}",
+              flush=True)
+        # k6 in its own session, dying with this runner; stopped with SIGINT, its own "stop
+        # now" (it still runs teardown and handleSummary), then SIGKILL after
+        # K6_STOP_TIMEOUT_S (cleanup below).
+        k6_run = Launched(argv, env=k6_env, cwd=REPO, stop_signal=signal.SIGINT)
+        k6_output = Output("k6", k6_run, out_dir / "k6.log", "")
+        k6_output.start()
         sampler.start()
-        exit_code = k6_run.wait()
+        exit_code, k6_cpu_s = k6_run.wait_with_cpu()
         sampler.stop()
+        k6_output.join(5)
         last = {name: read_cgroup(paths) for name, paths in cgroup_paths.items()}
         cond["k6_seconds"] = round(time.monotonic() - k6_started, 1)
-        cond["k6_cpu_s"] = k6_run.cpu_s
+        cond["k6_cpu_s"] = k6_cpu_s
         runner_last = resource.getrusage(resource.RUSAGE_SELF)
         cond["runner_cpu_s"] = round(runner_last.ru_utime + runner_last.ru_stime
                                      - runner_first.ru_utime - runner_first.ru_stime, 2)
@@ -1166,8 +1495,7 @@ def run(args: argparse.Namespace) -> int:
                                              k6_env["ADMIN_TOKEN"])
     finally:
         cleanup()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        atexit.unregister(cleanup)
 
     usage = {
         name: cgroup_usage(first.get(name, {}), last.get(name, {}),
@@ -1178,7 +1506,8 @@ def run(args: argparse.Namespace) -> int:
         conditions=cond, k6_summary=k6_summary, k6_exit_code=exit_code, samples=samples,
         processed=processed, sampler_rows=sampler.rows, cgroups=usage,
         files={"dir": str(out_dir), "k6_csv": csv_path.name, "k6_summary": summary_path.name,
-               "stack_log": "stack.log", "stack_json": "stack.json", "stack_run_dir": str(run_dir),
+               "k6_log": "k6.log", "stack_log": "stack.log" if mode == "product" else None,
+               "stack_json": "stack.json", "stack_run_dir": str(run_dir),
                "timeline": "timeline.png"},
     )
     if result["score"] and k6_summary and abs(result["score"]["final"]
@@ -1195,8 +1524,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  results            {out_dir}/result.json, timeline.png")
     if exit_code not in (0, 99) or k6_summary is None:
         print(f"k6 exited with {exit_code}", file=sys.stderr)
-        return 2
-    return 1 if exit_code == 99 else 0
+        return 2, result
+    return (1 if exit_code == 99 else 0), result
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@
 //
 // Environment: BACKEND_URL, PROCESSOR_DEFAULT_URL, PROCESSOR_FALLBACK_URL, ADMIN_TOKEN,
 // MAX_REQUESTS, DURATION_SCALE, P99_BUDGET_MS (threshold on p99, default 11 = no bonus left),
-// MAX_INCONSISTENCIES (threshold, default 0), SUMMARY_JSON (path of the JSON result).
+// MAX_INCONSISTENCIES (threshold, default 0), SUMMARY_JSON (path of the JSON result), MODE
+// (`product`, or `floor` when BACKEND_URL is nginx answering by itself: a label only, the run
+// is the same).
 
 import http from 'k6/http';
 import { sleep } from 'k6';
@@ -36,6 +38,7 @@ const DURATION_SCALE = positiveNumber('DURATION_SCALE', 1);
 const P99_BUDGET_MS = positiveNumber('P99_BUDGET_MS', 11);
 const MAX_INCONSISTENCIES = nonNegativeNumber('MAX_INCONSISTENCIES', 0);
 const SUMMARY_JSON = __ENV.SUMMARY_JSON || '';
+const MODE = __ENV.MODE || 'product';
 
 // Fees used only if the processors' admin summary does not say (docs/contest.md: 5 % and 15 %).
 const FEE_RATE_DEFAULT = { default: 0.05, fallback: 0.15 };
@@ -307,7 +310,7 @@ export function handleSummary(data) {
   const accepted = get('payments_accepted', 'count');
   const result = {
     config: {
-      backend_url: BACKEND_URL, processors: PROCESSORS, max_requests: MAX_REQUESTS,
+      mode: MODE, backend_url: BACKEND_URL, processors: PROCESSORS, max_requests: MAX_REQUESTS,
       duration_scale: DURATION_SCALE, p99_budget_ms: P99_BUDGET_MS,
       max_inconsistencies: MAX_INCONSISTENCIES, final_window_s: FINAL_WINDOW_S,
       check_every_s: CHECK_EVERY_S * DURATION_SCALE,
@@ -361,7 +364,8 @@ function textSummary(r) {
   const s = r.score;
   const lines = [
     '',
-    `rinha contest run: ${r.config.max_requests} VUs, duration scale ${r.config.duration_scale}`,
+    `${r.config.mode === 'floor' ? 'floor run (nginx answering by itself)' : 'rinha contest run'}:`
+      + ` ${r.config.max_requests} VUs, duration scale ${r.config.duration_scale}`,
     `  final score      ${s.final.toFixed(2)}${s.disqualified ? '  DISQUALIFIED (negative lag)' : ''}`,
     `  profit           ${s.profit.toFixed(2)}  (amount ${s.total_amount.toFixed(2)} - fees ${s.fees.toFixed(2)})`,
     `  p99              ${s.p99_ms.toFixed(2)} ms over ${r.http.requests} requests -> bonus ${(s.bonus * 100).toFixed(0)} %`,

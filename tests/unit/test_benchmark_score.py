@@ -1,5 +1,7 @@
 """The pure parts of benchmarks/run_contest.py: the score, k6's percentile, the per-second
-series, the schedule shading and the result's shape. No k6, no stack."""
+series, the schedule shading, the result's shape, the floor's nginx.conf, and the medians,
+ratio and summary of --repeat. No k6, no stack (nginx -t checks the floor's nginx.conf when
+nginx is installed)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import importlib.util
 import io
 import json
 import re
+import shutil
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -369,3 +373,201 @@ def test_machine_busy_cores():
     assert rc.machine_busy_cores((5, 10), (5, 10), 2) is None
     busy, total = rc.read_cpu_times()
     assert 0 <= busy <= total
+
+
+# --- the floor ----------------------------------------------------------------------------------
+
+
+def _floor_conf(tmp_path):
+    from rinha_lab.nginx_conf import render_local
+
+    rendered = render_local((REPO / "nginx.conf").read_text(), api_addrs=rc.FLOOR_UNUSED_UPSTREAMS,
+                            listen="127.0.0.1:9999", run_dir=str(tmp_path))
+    return rendered, rc.floor_nginx_conf(rendered)
+
+
+def _location(text, spec):
+    match = re.search(rf"^([ \t]*)location {re.escape(spec)} \{{.*?^\1\}}", text,
+                      re.MULTILINE | re.DOTALL)
+    assert match, spec
+    return match.group(0)
+
+
+def test_the_floor_answers_both_routes_from_nginx_itself(tmp_path):
+    _, floor = _floor_conf(tmp_path)
+    payments = _location(floor, "/")
+    summary = _location(floor, "= /payments-summary")
+    assert "return 202;" in payments and "proxy_pass" not in payments
+    assert "proxy_pass" not in summary
+    body = re.search(r"return 200 '([^']*)';", summary).group(1)
+    assert json.loads(body) == {"default": {"totalRequests": 0, "totalAmount": 0},
+                                "fallback": {"totalRequests": 0, "totalAmount": 0}}
+    assert "default_type application/json;" in summary
+
+
+def test_the_floor_keeps_every_other_line_of_the_product_nginx(tmp_path):
+    rendered, floor = _floor_conf(tmp_path)
+
+    def outside_the_two_locations(text):
+        for spec in ("/", "= /payments-summary"):
+            text = text.replace(_location(text, spec), "")
+        return [line for line in text.splitlines() if line.strip()]
+
+    assert outside_the_two_locations(floor)[1:] == outside_the_two_locations(rendered)
+    assert floor.count("location ") == rendered.count("location ")
+    assert "listen 127.0.0.1:9999;" in floor and "worker_processes 1;" in floor
+
+
+def test_the_floor_refuses_an_nginx_conf_without_its_locations():
+    with pytest.raises(ValueError, match="location /"):
+        rc.floor_nginx_conf("http {\n    server {\n        listen 9999;\n    }\n}\n")
+    twice = "server {\n    location = /payments-summary {\n    }\n    location / {\n    }\n}\n"
+    with pytest.raises(ValueError, match="found 2"):
+        rc.floor_nginx_conf(twice + twice)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                    reason="no nginx")
+def test_nginx_accepts_the_floor(tmp_path):
+    _, floor = _floor_conf(tmp_path)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(floor)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    checked = subprocess.run([nginx, "-t", "-q", "-p", f"{tmp_path}/", "-e", "stderr", "-c",
+                              str(conf)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_the_floor_table_says_what_it_is():
+    result = _result(_k6_summary(), ["nginx"])
+    result["conditions"]["mode"] = "floor"
+    table = rc.format_table(result)
+    assert table.startswith("floor run")
+    assert "describe no backend" in table
+    assert "final score" in table and "p99" in table  # the same table otherwise
+    assert rc.format_table(_result(_k6_summary(), [])).startswith("rinha local contest run")
+
+
+# --- --repeat: medians, ratio, summary --------------------------------------------------------
+
+
+def test_median():
+    assert rc.median([3.0, 1.0, 2.0]) == 2.0
+    assert rc.median([4, 1, 3, 2]) == 2.5
+    assert rc.median([5.0, None, 1.0, None, 3.0]) == 3.0  # a run without the figure is left out
+    assert rc.median([7]) == 7.0 and isinstance(rc.median([7]), float)
+    assert rc.median([]) is None and rc.median([None]) is None
+
+
+def test_ratio():
+    assert rc.ratio(6.0, 2.0) == 3.0
+    assert rc.ratio(None, 2.0) is None
+    assert rc.ratio(1.0, None) is None
+    assert rc.ratio(1.0, 0.0) is None
+
+
+def test_round_order_alternates_floor_and_product():
+    assert rc.round_order(2) == [(1, "floor"), (1, "product"), (2, "floor"), (2, "product")]
+    assert rc.round_order(2, interleave=False) == [(1, "floor"), (2, "floor"),
+                                                   (1, "product"), (2, "product")]
+    assert rc.round_order(1) == [(1, "floor"), (1, "product")]
+
+
+def test_run_figures_from_a_result():
+    result = _result(_k6_summary(), ["api1", "api2", "nginx"])
+    result["cgroups"]["api1"]["cpu_s"] = 2.0
+    result["cgroups"]["api2"]["cpu_s"] = 1.5
+    result["cgroups"]["nginx"]["cpu_s"] = 0.5
+    result["conditions"].update(k6_cpu_s=30.0, machine_busy_cores=1.8)
+    figures = rc.run_figures(result)
+    assert figures["mode"] == "product"  # results from before modes existed are the product
+    assert figures["p99_ms"] == 3.0 and figures["p99_expected_response_ms"] == 2.0
+    assert figures["final_score"] == 258.54
+    assert figures["inconsistencies"] == 0 and figures["lag"] == 0
+    assert figures["default_pct"] == pytest.approx(100 * 10 / 12)
+    assert figures["failed_posts"] == 2
+    assert figures["stack_cpu_s"] == 4.0 and figures["nginx_cpu_s"] == 0.5
+    assert figures["k6_cpu_s"] == 30.0 and figures["machine_busy_cores"] == 1.8
+    assert figures["exit_code"] == 0 and figures["dir"] == "/tmp/x"
+    assert set(rc.FIGURES) <= set(figures)
+
+
+def test_run_figures_without_a_summary_or_cgroups():
+    figures = rc.run_figures(_result(None, []))
+    assert figures["p99_ms"] is None and figures["default_pct"] is None
+    assert figures["stack_cpu_s"] is None and figures["nginx_cpu_s"] is None
+
+
+def _run(round_no, mode, p99, **more):
+    figures = {key: None for key in rc.FIGURES}
+    figures.update(round=round_no, mode=mode, p99_ms=p99, dir=f"/r/{round_no:02d}-{mode}",
+                   load_average_at_start=[0.5, 0.4, 0.3], **more)
+    return figures
+
+
+def test_repeat_summary_shape_medians_and_ratio():
+    runs = [_run(1, "floor", 2.0, final_score=0.0), _run(1, "product", 3.0, final_score=100.0),
+            _run(2, "floor", 2.5), _run(2, "product", 5.5, final_score=90.0),
+            _run(3, "floor", 2.2), _run(3, "product", 4.4, final_score=95.0, lag=1)]
+    summary = rc.repeat_summary(runs, {"repeat": 3, "interleave": True})
+    assert json.loads(json.dumps(summary)) == summary  # plain JSON all the way down
+    assert set(summary) == {"schema", "conditions", "runs", "count", "median", "p99_ratio",
+                            "p99_ratio_per_round", "p99_ratio_per_round_median"}
+    assert summary["count"] == {"floor": 3, "product": 3}
+    assert set(summary["median"]) == {"floor", "product"}
+    assert set(summary["median"]["product"]) == set(rc.FIGURES)
+    assert summary["median"]["floor"]["p99_ms"] == 2.2
+    assert summary["median"]["product"]["p99_ms"] == 4.4
+    assert summary["median"]["product"]["final_score"] == 95.0
+    assert summary["median"]["product"]["lag"] == 1.0  # the only run that has it
+    assert summary["median"]["floor"]["lag"] is None
+    assert summary["p99_ratio"] == pytest.approx(2.0)  # 4.4 / 2.2: a ratio of the medians
+    assert summary["p99_ratio_per_round"] == pytest.approx([1.5, 2.2, 2.0])
+    assert summary["p99_ratio_per_round_median"] == pytest.approx(2.0)
+    assert summary["runs"] == runs
+
+
+def test_an_unfinished_round_has_no_per_round_ratio():
+    summary = rc.repeat_summary([_run(1, "floor", 2.0), _run(1, "product", 4.0),
+                                 _run(2, "floor", 3.0)], {})
+    assert summary["count"] == {"floor": 2, "product": 1}
+    assert summary["p99_ratio_per_round"] == [2.0]
+    assert summary["p99_ratio"] == pytest.approx(4.0 / 2.5)
+    nothing = rc.repeat_summary([_run(1, "floor", 2.0)], {})
+    assert nothing["p99_ratio"] is None and nothing["p99_ratio_per_round"] == []
+    assert nothing["p99_ratio_per_round_median"] is None
+
+
+def test_the_repeat_table_names_every_median():
+    runs = [_run(1, "floor", 2.0), _run(1, "product", 3.0, default_pct=100.0)]
+    table = rc.format_repeat_table(rc.repeat_summary(runs, {
+        "repeat": 1, "interleave": True, "started_at": "2025-01-01 00:00:00 UTC",
+        "load_average_at_start": [0.1, 0.2, 0.3], "load_average_at_end": [0.4, 0.5, 0.6],
+        "limits": "contest", "max_requests": 550, "duration_scale": 1.0}))
+    for needle in ("--repeat 1", "interleaved", "load 0.10 0.20 0.30 at start",
+                   "0.40 0.50 0.60 at end", "floor (1)", "product (1)", "p99 ms",
+                   "final score", "inconsistencies", "lag", "% default", "CPU s cgroups",
+                   "CPU s k6", "product/floor p99  1.50 x", "/r/01-floor", "/r/01-product"):
+        assert needle in table, needle
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+def test_repeat_options():
+    args = rc.parse_args(["--repeat", "3"])
+    assert args.repeat == 3 and args.interleave is True and not args.floor
+    assert rc.parse_args(["--repeat", "2", "--no-interleave"]).interleave is False
+    assert rc.parse_args(["--floor"]).floor and rc.parse_args([]).repeat is None
+    for bad in (["--repeat", "0"], ["--repeat", "2", "--floor"]):
+        with pytest.raises(SystemExit):
+            rc.parse_args(bad)
+
+
+def test_runs_started_within_one_second_get_their_own_folder(tmp_path):
+    first = rc._new_dir(tmp_path / "20250101-000000")
+    second = rc._new_dir(tmp_path / "20250101-000000")
+    third = rc._new_dir(tmp_path / "20250101-000000")
+    assert [p.name for p in (first, second, third)] == [
+        "20250101-000000", "20250101-000000-2", "20250101-000000-3"]
+    assert all(p.is_dir() for p in (first, second, third))
