@@ -16,10 +16,11 @@ import socket
 import sys
 
 from rinha import settings as settings_module
+from rinha.guards import InstanceLock, ensure_port_free
 from rinha.peers import bind_sync_socket, recover_from_peer
 from rinha.resources import Resources, StartupError
 from rinha.settings import Settings, SettingsError
-from rinha.supervisor import BootError, ChildSpec, InstanceLock, Supervisor, ensure_port_free
+from rinha.supervisor import BootError, ChildSpec, Supervisor
 
 USAGE = __doc__
 

@@ -35,15 +35,10 @@ from rinha.outcomes import CONFIRM, DUPLICATE, RECORD, UNKNOWN, classify, judge_
 from rinha.peers import PeerSync
 from rinha.recorder import Recorder
 from rinha.router import Router
+from rinha.sender import Sender
 from rinha.settings import Settings
-from rinha.transport import PooledTransport
 
 log = logging.getLogger("rinha.dispatcher")
-
-_JSON_HEADER = (b"Content-Type", b"application/json")
-
-# Errors raised before a single byte of the request left: the processor cannot have it.
-_NOT_DELIVERED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 class Dispatcher:
@@ -67,19 +62,11 @@ class Dispatcher:
             self._peer = PeerSync(settings, ledger, sync_socket, on_health=self._on_health)
         self._router = Router(settings, time.monotonic())
         self._recorder = Recorder(table, ledger, self._peer)
-        self._in_flight = 0
+        self._sender = Sender(settings)
         self._wakeup: asyncio.TimerHandle | None = None
         self._reading_queue = False
         self._stopping = False
         self.crashed = False
-        # Parsed once: building an httpx.Request from a string re-parses the URL (~10 us).
-        self._urls = tuple(httpx.URL(f"{url}/payments") for url in settings.processor_urls)
-        self._host_headers = tuple((b"Host", url.netloc) for url in self._urls)
-        self._transport = PooledTransport(
-            max_connections=settings.dispatch_concurrency,
-            connect_timeout_s=min(2.0, settings.request_timeout_s),
-            read_timeout_s=settings.request_timeout_s,
-        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -102,7 +89,7 @@ class Dispatcher:
             watched = [routing.DEFAULT]
             if self._settings.fallback_after_s > 0:
                 watched.append(routing.FALLBACK)
-            client = httpx.AsyncClient(transport=self._transport, timeout=5.0)
+            client = httpx.AsyncClient(transport=self._sender.transport, timeout=5.0)
             poller = HealthPoller(client, self._settings.processor_urls, watched,
                                   self._settings.health_interval_s, self._on_polled_health)
             self._spawn(poller.run())
@@ -199,7 +186,7 @@ class Dispatcher:
         now = time.monotonic()
         wall_ms = time.time_ns() // 1_000_000
         limit = self._settings.dispatch_concurrency
-        while self._in_flight < limit:
+        while self._sender.in_flight < limit:
             if not router.take_token(now):
                 self._schedule_wakeup(router.token_interval_s)
                 return
@@ -230,39 +217,21 @@ class Dispatcher:
             payment.requested_at = int(time.time())
         self._table.mark(payment, SENDING)
         was_probe = self._router.on_sent(processor, time.monotonic())
-        self._in_flight += 1
-        body = (
-            f'{{"correlationId":"{wire.format_uuid(payment.correlation_id)}",'
-            f'"amount":{wire.format_cents(payment.cents)},'
-            f'"requestedAt":"{wire.format_requested_at(payment.requested_at)}"}}'
-        ).encode()
-        # stream= with the headers spelled out builds a Request in ~2 us; content= takes ~10.
-        headers = (self._host_headers[processor], _JSON_HEADER,
-                   (b"Content-Length", b"%d" % len(body)))
-        request = httpx.Request("POST", self._urls[processor], stream=httpx.ByteStream(body),
-                                headers=headers)
-        # A callback, not a Task per payment: fewer loop turns per payment (the CPU budget).
-        self._transport.start(
-            request, lambda reply: self._on_reply(payment, processor, was_probe, reply))
+        self._sender.send(payment, processor,
+                          lambda status: self._on_reply(payment, processor, was_probe, status))
 
     def _on_reply(self, payment: HeldPayment, processor: int, was_probe: bool,
-                  reply: httpx.Response | BaseException) -> None:
-        self._in_flight -= 1
-        if isinstance(reply, httpx.Response):
-            status: int | None = reply.status_code
-        elif isinstance(reply, _NOT_DELIVERED):
-            status = 503  # never left: as definite as a refusal
-        elif isinstance(reply, httpx.TransportError):
-            status = None
-        else:
-            raise reply  # not a network outcome: a bug; the loop's handler crashes the process
+                  status: int | None) -> None:
         outcome = classify(status, payment.pinned)
         if outcome in (RECORD, DUPLICATE, CONFIRM):
             # It answered with what it holds: it is up, whatever that says of this payment.
             if self._router.on_answered(processor):
                 log.warning("processor %s answers again", PROCESSOR_NAMES[processor])
             if outcome == CONFIRM:
-                self._confirm(payment)
+                # A 422 on a pinned payment: it holds a payment with our id. Ask which one;
+                # the slot stays SENDING meanwhile, so a restarted dispatcher asks again.
+                self._sender.fetch_stored(
+                    payment, lambda status, body: self._on_stored(payment, status, body))
             else:
                 self._settle(payment, outcome)
         else:
@@ -275,24 +244,8 @@ class Dispatcher:
             self._router.retry_later(payment)
         self._pump()
 
-    def _confirm(self, payment: HeldPayment) -> None:
-        """A 422 on a pinned payment: the processor holds a payment with our id. Ask it which
-        one (GET /payments/{id}); count ours only if the record is ours. The slot stays
-        SENDING meanwhile, so a restarted dispatcher asks again."""
-        self._in_flight += 1
-        processor = payment.processor
-        url = self._urls[processor].copy_with(
-            path=f"/payments/{wire.format_uuid(payment.correlation_id)}")
-        request = httpx.Request("GET", url, headers=(self._host_headers[processor],))
-        self._transport.start(request, lambda reply: self._on_confirmed(payment, reply))
-
-    def _on_confirmed(self, payment: HeldPayment, reply: httpx.Response | BaseException) -> None:
-        self._in_flight -= 1
-        status, body = None, b""
-        if isinstance(reply, httpx.Response):
-            status, body = reply.status_code, reply.read()
-        elif not isinstance(reply, httpx.TransportError):
-            raise reply  # not a network outcome: a bug; the loop's handler crashes the process
+    def _on_stored(self, payment: HeldPayment, status: int | None, body: bytes) -> None:
+        """What the processor holds under our id: count ours only if the record is ours."""
         verdict = judge_stored(status, body, payment.correlation_id, payment.cents,
                                payment.requested_at)
         if verdict in (RECORD, DUPLICATE):

@@ -1,9 +1,9 @@
 """The supervisor: fork, reap, restart, stop. Nothing else.
 
-The process `rinha serve` runs as. Before forking it takes the instance lock, checks that no
-one else listens on the port, and creates (or, after a crash, reopens) the queue, the ledger
-and the holding table; the children inherit them. It waits for signals without polling:
-SIGCHLD, SIGTERM and SIGINT are blocked and collected with sigtimedwait, then dispatched to a
+Runs in the process `rinha serve` starts as, once the startup sequence (__main__.py: guards,
+resources, recovery from the peer) is done; the children inherit what it opened. It waits for
+signals without polling: SIGCHLD, SIGTERM, SIGINT and SIGHUP are blocked and collected with
+sigtimedwait (once a second at most, to look at the heartbeats), then dispatched to a
 handle_<name> method. A dead child is replaced in its own slot; so is a hung one, whose
 heartbeat has been silent for HEARTBEAT_TIMEOUT_S of its own time (heartbeat.py), as gunicorn
 replaces a worker that stopped notifying its arbiter. Every child dies with the supervisor
@@ -12,19 +12,15 @@ replaces a worker that stopped notifying its arbiter. Every child dies with the 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rinha import prctl
 from rinha.heartbeat import Heartbeats, Silence, run_delay_ns
-from rinha.resources import StartupError
 
 log = logging.getLogger("rinha.supervisor")
 
@@ -209,52 +205,3 @@ def _run_child(child: ChildSpec, parent: int) -> None:
     finally:
         logging.shutdown()
         os._exit(code)
-
-
-class InstanceLock:
-    """One running instance per name: an flock held for the supervisor's whole life, so the
-    queue and segments of a running instance are never taken over (docs/architecture.md,
-    invariant 8), while those of a crashed one are reopened and re-driven."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StartupError(
-                f"an instance with this INSTANCE_NAME is already running (pid {holder}, lock "
-                f"{self._path}); stop it or choose another INSTANCE_NAME"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.unlink(self._path)
-            os.close(self._fd)
-            self._fd = None
-
-
-def ensure_port_free(host: str, port: int, kind: int = socket.SOCK_STREAM) -> None:
-    """uSockets always sets SO_REUSEPORT, so a stale process listening on our port would
-    silently take part of the traffic. A plain bind (SO_REUSEADDR only, to pass over
-    TIME_WAIT) fails while anyone else listens there."""
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                what = "TCP" if kind == socket.SOCK_STREAM else "UDP"
-                raise StartupError(
-                    f"{what} port {host}:{port} is already in use by another process; "
-                    "stop it or set another port"
-                ) from None
-            raise

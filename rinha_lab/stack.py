@@ -311,7 +311,10 @@ class Stack:
             "instances": {c.name: entry(c) for c in self.children if "instance_name" in c.extra},
             "cgroups": {c.name: c.cgroup for c in self.children if c.cgroup},
         }
-        (self.run_dir / "stack.json").write_text(json.dumps(description, indent=2))
+        # Written whole, then renamed: a reader (a test, the benchmark) never sees half a file.
+        staged = self.run_dir / "stack.json.tmp"
+        staged.write_text(json.dumps(description, indent=2))
+        os.replace(staged, self.run_dir / "stack.json")
 
     def _print_map(self) -> None:
         print(f"rinha stack (limits: {self.limits}), logs and stack.json in {self.run_dir}")
