@@ -309,16 +309,25 @@ def test_a_worker_killed_with_requests_in_flight_loses_no_accepted_payment(
     default, fallback = processors
     instance = start_instance(WORKERS="2")
     statuses: list[int] = []
-    load = threading.Thread(
-        target=lambda: statuses.extend(post_payments(instance.url, 3000, concurrency=32)))
-    load.start()
-    wait_until(lambda: processor_totals(default)[0] > 300, 20)
-    victim = instance.child_pids("worker")[0]
-    # Stopped first, so that requests pile up on its connections, then killed with them.
-    os.kill(victim, signal.SIGSTOP)
-    time.sleep(0.3)
-    os.kill(victim, signal.SIGKILL)
-    load.join()
+    stop = threading.Event()
+
+    def load() -> None:  # batches until told to stop: requests are always in flight
+        while not stop.is_set():
+            statuses.extend(post_payments(instance.url, 200, concurrency=32))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        wait_until(lambda: processor_totals(default)[0] > 300, 20)
+        victim = instance.child_pids("worker")[0]
+        # Stopped first, so that requests pile up on its connections, then killed with them.
+        os.kill(victim, signal.SIGSTOP)
+        time.sleep(0.3)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.5)  # the load goes on against the other worker and the replacement
+    finally:
+        stop.set()
+        loader.join()
     accepted = statuses.count(202)
     assert accepted > 300 and statuses.count(0) > 0  # some requests died with the worker
     wait_until(lambda: instance.child_pids("worker") and victim not in instance.child_pids(
