@@ -298,7 +298,21 @@ typedef struct {
     PyObject *too_large;                /* bytes: the 413 body */
     PyObject *queue_full;               /* bytes: the 503 body */
     struct route_counts counts;         /* touched on the loop's thread only */
+    /* The worker's shared counters of POST /payments (rinha/metrics.py), where the
+     * answers given in C are added; NULL when none were given.  This worker is their
+     * only writer, so a plain increment is enough. */
+    Py_buffer shared;
+    uint64_t *shared_accepted, *shared_full, *shared_too_large;
 } RouteObject;
+
+/* Add one to a shared counter, if the route has them. */
+static inline void
+count_shared(uint64_t *counter)
+{
+    if (counter != NULL) {
+        (*counter)++;
+    }
+}
 
 /* One request whose body is arriving. */
 struct request {
@@ -413,12 +427,14 @@ answer(RouteObject *route, uws_res_t *res, const char *body, size_t length)
         switch (enqueue(route->mqd, record)) {
         case SENT:
             route->counts.accepted++;
+            count_shared(route->shared_accepted);
             route->api.res_write_status(route->ssl, res, "202 Accepted", 12);
             route->api.res_end(route->ssl, res, "", 0, false);
             return;
         case FULL:
             /* An explicit refusal, never a silent drop (invariant 1). */
             route->counts.full++;
+            count_shared(route->shared_full);
             reply_bytes(route, res, 503, route->queue_full, false);
             return;
         case FAILED:
@@ -465,6 +481,7 @@ on_data(uws_res_t *res, const char *chunk, size_t length, bool last, void *user_
      * for it after the end; see the header comment). */
     if (request->too_large || length > route->max_body - request->length) {
         route->counts.too_large++;
+        count_shared(route->shared_too_large);
         reply_bytes(route, res, 413, route->too_large, true);
     }
     else if (request->failed) {
@@ -516,22 +533,58 @@ as_bytes(PyObject *obj, const char *what)
     return 0;
 }
 
+/* Point the route's shared counters into `counts`, a writable buffer of
+ * 8-byte words (a slice of rinha/metrics.py's segment), at `indexes`. */
+static int
+attach_shared_counts(RouteObject *self, PyObject *counts, const Py_ssize_t indexes[3])
+{
+    uint64_t *words;
+    Py_ssize_t n;
+
+    if (PyObject_GetBuffer(counts, &self->shared, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        return -1;
+    }
+    words = self->shared.buf;
+    n = self->shared.len / (Py_ssize_t)sizeof(uint64_t);
+    if ((uintptr_t)words % _Alignof(uint64_t) != 0) {
+        PyErr_SetString(PyExc_ValueError, "shared_counts must be 8-byte aligned");
+        goto fail;
+    }
+    for (int i = 0; i < 3; i++) {
+        if (indexes[i] < 0 || indexes[i] >= n) {
+            PyErr_Format(PyExc_ValueError, "counter index %zd outside shared_counts (%zd words)",
+                         indexes[i], n);
+            goto fail;
+        }
+    }
+    self->shared_accepted = &words[indexes[0]];
+    self->shared_full = &words[indexes[1]];
+    self->shared_too_large = &words[indexes[2]];
+    return 0;
+fail:
+    PyBuffer_Release(&self->shared);
+    self->shared.obj = NULL;
+    return -1;
+}
+
 static PyObject *
 Route_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"library", "app", "ssl", "pattern", "mqd", "on_body",
-                             "max_body", "too_large", "queue_full", NULL};
-    PyObject *library = NULL, *on_body, *too_large, *queue_full;
+                             "max_body", "too_large", "queue_full", "shared_counts",
+                             "accepted_index", "full_index", "too_large_index", NULL};
+    PyObject *library = NULL, *on_body, *too_large, *queue_full, *shared_counts = Py_None;
     unsigned long long app;
     int ssl, mqd;
     const char *pattern;
-    Py_ssize_t max_body;
+    Py_ssize_t max_body, indexes[3] = {0, 0, 0};
     RouteObject *self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&KpsiOnOO:PaymentRoute", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&KpsiOnOO|$Onnn:PaymentRoute", kwlist,
                                      PyUnicode_FSConverter, &library, &app, &ssl,
                                      &pattern, &mqd, &on_body, &max_body, &too_large,
-                                     &queue_full)) {
+                                     &queue_full, &shared_counts, &indexes[0], &indexes[1],
+                                     &indexes[2])) {
         return NULL;
     }
     if (app == 0 || !PyCallable_Check(on_body) || max_body < 1 || max_body > MAX_BODY_LIMIT
@@ -548,6 +601,11 @@ Route_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self = (RouteObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
         Py_DECREF(library);
+        return NULL;
+    }
+    if (shared_counts != Py_None && attach_shared_counts(self, shared_counts, indexes) < 0) {
+        Py_DECREF(library);
+        Py_DECREF(self);
         return NULL;
     }
     int resolved = resolve_api(PyBytes_AS_STRING(library), &self->api);
@@ -579,6 +637,9 @@ Route_dealloc(RouteObject *self)
     Py_XDECREF(self->on_body);
     Py_XDECREF(self->too_large);
     Py_XDECREF(self->queue_full);
+    if (self->shared.obj != NULL) {
+        PyBuffer_Release(&self->shared);
+    }
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }

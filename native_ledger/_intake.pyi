@@ -17,6 +17,11 @@ class PaymentRoute:
         max_body: int,
         too_large: bytes,
         queue_full: bytes,
+        *,
+        shared_counts: Buffer | None = None,
+        accepted_index: int = 0,
+        full_index: int = 0,
+        too_large_index: int = 0,
     ) -> PaymentRoute: ...
     def counts(self) -> dict[str, int]: ...
 

@@ -3,6 +3,7 @@
   rinha serve                          one instance: supervisor, workers, dispatcher
   rinha processor --port P --fee F     a payment-processor emulator
   rinha stack                          the whole contest topology as local processes
+  rinha status [URL ...]               the /status of each instance, side by side
 
 `rinha COMMAND --help` tells what each one takes (for serve: the environment variables).
 """
@@ -15,8 +16,10 @@ import logging
 import socket
 import sys
 
+from rinha import logs
 from rinha import settings as settings_module
 from rinha.guards import InstanceLock, ensure_port_free
+from rinha.metrics import DispatcherCounters, SupervisorCounters
 from rinha.peers import bind_sync_socket, recover_from_peer
 from rinha.resources import Resources, StartupError
 from rinha.settings import Settings, SettingsError
@@ -33,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "serve":
         return serve(rest)
+    if command == "status":
+        from rinha import status_cli
+
+        return status_cli.main(rest)
     if command in ("processor", "stack"):
         try:
             from rinha_lab import emulator, stack
@@ -95,7 +102,8 @@ def serve(argv: list[str]) -> int:
     log.info("instance %s: %d workers on %s:%d, processors %s and %s", settings.instance_name,
              settings.workers, settings.host, settings.port, *settings.processor_urls)
     try:
-        code = Supervisor(children, resources.heartbeats, settings.heartbeat_timeout_s).run()
+        code = Supervisor(children, resources.heartbeats, settings.heartbeat_timeout_s,
+                          SupervisorCounters(resources.metrics)).run()
     finally:
         drained = resources.is_drained()
         if not drained:
@@ -110,8 +118,7 @@ def run_worker(settings: Settings, resources: Resources, slot: int) -> None:
     from rinha.intake import Intake
 
     try:
-        Intake(settings, resources.queue, resources.ledger,
-               heartbeat=lambda: resources.heartbeats.beat(slot)).serve()
+        Intake(settings, resources, slot).serve()
     except OSError as exc:
         raise BootError(str(exc)) from exc
 
@@ -124,7 +131,8 @@ def run_dispatcher(
     from rinha.pacing import paced_event_loop, yield_cpu_to_workers
 
     dispatcher = Dispatcher(settings, resources.queue, resources.table, resources.ledger,
-                            sync_socket, heartbeat=lambda: resources.heartbeats.beat(slot))
+                            sync_socket, heartbeat=lambda: resources.heartbeats.beat(slot),
+                            counters=DispatcherCounters(resources.metrics))
     idle = settings.dispatcher_idle_priority
     if idle is None:
         idle = under_cpu_quota()
@@ -142,14 +150,7 @@ def run_dispatcher(
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level),
-        format=f"%(asctime)s {settings.instance_name} %(process)d %(name)s %(levelname)s "
-               "%(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every request at INFO: the health poll would write a line every 5 s.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.configure(settings.instance_name, settings.log_level, settings.log_format)
 
 
 if __name__ == "__main__":

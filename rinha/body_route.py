@@ -35,6 +35,7 @@ from typing import Any
 from socketify.native import ffi, lib, library_path
 
 from native_ledger._intake import PaymentRoute
+from rinha.metrics import STATUS_INDEX
 
 log = logging.getLogger("rinha.body_route")
 
@@ -117,11 +118,18 @@ class NativePaymentRoute:
     remove a route)."""
 
     def __init__(self, app: Any, pattern: str, complete: Complete, mqd: int, max_body: int,
-                 queue_full: bytes) -> None:
+                 queue_full: bytes, shared_counts: memoryview | None = None) -> None:
+        """`shared_counts`: the worker's counters of this route, indexed like
+        rinha.metrics.STATUSES, where the C route adds the answers it gives itself."""
         self._complete = complete
+        counters = {}
+        if shared_counts is not None:
+            counters = {"shared_counts": shared_counts,
+                        "accepted_index": STATUS_INDEX[202], "full_index": STATUS_INDEX[503],
+                        "too_large_index": STATUS_INDEX[413]}
         self.route = PaymentRoute(library_path, _address(app.app), bool(app.SSL), pattern, mqd,
                                   self._on_body, max_body,
-                                  _error(f"body over {max_body} bytes"), queue_full)
+                                  _error(f"body over {max_body} bytes"), queue_full, **counters)
 
     def _on_body(self, body: bytes) -> tuple[int, bytes]:
         return answer(self._complete, body, None)

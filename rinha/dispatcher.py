@@ -31,6 +31,7 @@ from rinha.health import HealthPoller, HealthReport
 from rinha.heartbeat import BEAT_INTERVAL_S
 from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
 from rinha.ledger import PROCESSOR_NAMES, Ledger
+from rinha.metrics import DispatcherCounters
 from rinha.outcomes import CONFIRM, DUPLICATE, RECORD, UNKNOWN, classify, judge_stored
 from rinha.peers import PeerSync
 from rinha.recorder import Recorder
@@ -52,17 +53,20 @@ class Dispatcher:
         ledger: Ledger,
         sync_socket: socket.socket | None = None,
         heartbeat: Callable[[], None] | None = None,
+        counters: DispatcherCounters | None = None,
     ) -> None:
         self._settings = settings
         self._queue = queue
         self._table = table
         self._heartbeat = heartbeat
+        self._counters = counters
         self._peer = None
         if sync_socket is not None:
-            self._peer = PeerSync(settings, ledger, sync_socket, on_health=self._on_health)
+            self._peer = PeerSync(settings, ledger, sync_socket, on_health=self._on_health,
+                                  counters=counters)
         self._router = Router(settings, time.monotonic())
-        self._recorder = Recorder(table, ledger, self._peer)
-        self._sender = Sender(settings)
+        self._recorder = Recorder(table, ledger, self._peer, counters)
+        self._sender = Sender(settings, counters)
         self._wakeup: asyncio.TimerHandle | None = None
         self._reading_queue = False
         self._stopping = False
@@ -129,11 +133,27 @@ class Dispatcher:
             log.warning("re-driving %d payments left by a previous dispatcher", len(held))
 
     def _beat(self) -> None:
-        """Tell the supervisor this loop still turns (heartbeat.py)."""
-        if self._heartbeat is not None and not self._stopping:
+        """Tell the supervisor this loop still turns (heartbeat.py), and the status page what
+        the router holds (once a second: these gauges need not be fresher)."""
+        if self._stopping:
+            return
+        if self._heartbeat is not None:
             self._heartbeat()
-            assert self._loop is not None
-            self._loop.call_later(BEAT_INTERVAL_S, self._beat)
+        if self._counters is not None:
+            self._publish_gauges()
+        assert self._loop is not None
+        self._loop.call_later(BEAT_INTERVAL_S, self._beat)
+
+    def _publish_gauges(self) -> None:
+        assert self._counters is not None
+        counts = self._router.counts()
+        self._counters.gauges(self._sender.in_flight, counts["waiting"], counts["pinned"],
+                              counts["parked"])
+        now, wall_ms = time.monotonic(), time.time_ns() // 1_000_000
+        for processor in (routing.DEFAULT, routing.FALLBACK):
+            state, since, failures = self._router.circuit_state(processor)
+            since_ms = wall_ms - int((now - since) * 1000) if since else 0
+            self._counters.circuit(processor, state, since_ms, failures)
 
     # Queue -> holding table -----------------------------------------------------------------
 
@@ -225,8 +245,9 @@ class Dispatcher:
         outcome = classify(status, payment.pinned)
         if outcome in (RECORD, DUPLICATE, CONFIRM):
             # It answered with what it holds: it is up, whatever that says of this payment.
-            if self._router.on_answered(processor):
-                log.warning("processor %s answers again", PROCESSOR_NAMES[processor])
+            if self._router.on_answered(processor, time.monotonic()):
+                log.warning("processor %s answers again", PROCESSOR_NAMES[processor],
+                            extra={"processor": PROCESSOR_NAMES[processor]})
             if outcome == CONFIRM:
                 # A 422 on a pinned payment: it holds a payment with our id. Ask which one;
                 # the slot stays SENDING meanwhile, so a restarted dispatcher asks again.
@@ -239,7 +260,8 @@ class Dispatcher:
                 payment.pinned = True
             if self._router.on_failed(processor, time.monotonic(), was_probe):
                 log.warning("processor %s failing (%s); holding payments",
-                            PROCESSOR_NAMES[processor], outcome)
+                            PROCESSOR_NAMES[processor], outcome,
+                            extra={"processor": PROCESSOR_NAMES[processor], "outcome": outcome})
             self._table.mark(payment, QUEUED)
             self._router.retry_later(payment)
         self._pump()
@@ -256,7 +278,7 @@ class Dispatcher:
             # nothing cannot make this payment spin.
             log.warning("%s: the %s processor answered 422, then %s to GET; sending again",
                         wire.format_uuid(payment.correlation_id),
-                        PROCESSOR_NAMES[payment.processor], status)
+                        PROCESSOR_NAMES[payment.processor], status, extra=_about(payment))
             self._table.mark(payment, QUEUED)
             assert self._loop is not None
             self._loop.call_later(self._settings.retry_backoff_max_s, self._retry, payment)
@@ -275,8 +297,10 @@ class Dispatcher:
         else:
             log.warning("%s: the %s processor holds another payment with this correlationId; "
                         "this one is not counted", wire.format_uuid(payment.correlation_id),
-                        PROCESSOR_NAMES[payment.processor])
+                        PROCESSOR_NAMES[payment.processor], extra=_about(payment))
             table_was_full = self._table.release(payment)
+            if self._counters is not None:
+                self._counters.duplicate(payment.processor)
         self._router.settled(payment)
         if table_was_full:
             self._start_reading_queue()
@@ -291,6 +315,8 @@ class Dispatcher:
     def _on_health(self, report: HealthReport) -> None:
         """A service-health report, polled here or shared by the peer that polls."""
         self._router.on_health(report, time.monotonic())
+        if self._counters is not None:
+            self._counters.health(report.processor, report.failing, report.min_response_ms)
         self._pump()
 
     # Failures ------------------------------------------------------------------------------
@@ -316,3 +342,9 @@ class Dispatcher:
             self.crashed = True
             if self._loop is not None:
                 self._loop.stop()
+
+
+def _about(payment: HeldPayment) -> dict[str, object]:
+    """The fields a log line about one payment carries (LOG_FORMAT=json)."""
+    return {"correlationId": wire.format_uuid(payment.correlation_id),
+            "processor": PROCESSOR_NAMES[payment.processor], "cents": payment.cents}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -23,8 +22,10 @@ import posix_ipc
 
 from rinha import wire
 from rinha.heartbeat import BEAT_INTERVAL_S
-from rinha.ledger import Ledger
+from rinha.metrics import ROUTE_INDEX, ROUTES, WorkerCounters
+from rinha.resources import Resources
 from rinha.settings import Settings
+from rinha.status_page import StatusPage
 
 log = logging.getLogger("rinha.intake")
 
@@ -109,12 +110,14 @@ class Intake:
     """One worker's HTTP face. Built in the child after fork (a socketify App made before fork
     aborted a child: docs/measurements.md)."""
 
-    def __init__(self, settings: Settings, queue: posix_ipc.MessageQueue, ledger: Ledger,
-                 heartbeat: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, resources: Resources, slot: int) -> None:
         self._settings = settings
-        self._queue = queue
-        self._ledger = ledger
-        self._heartbeat = heartbeat  # called about once a second from the loop (heartbeat.py)
+        self._queue = resources.queue
+        self._ledger = resources.ledger
+        # Called about once a second from the loop (heartbeat.py).
+        self._heartbeat = lambda: resources.heartbeats.beat(slot)
+        self._counters = WorkerCounters(resources.metrics, slot)
+        self._status = StatusPage(settings, resources)
         self._routes: list[Any] = []  # the BodyRoutes: alive as long as the app serves
 
     def serve(self) -> None:
@@ -130,40 +133,36 @@ class Intake:
         # every other body reaches _accept_payment, whose answer stands.
         self._routes = [
             NativePaymentRoute(app, "/payments", self._accept_payment, self._queue.mqd,
-                               MAX_BODY_BYTES, _error_json(QUEUE_FULL)),
+                               MAX_BODY_BYTES, _error_json(QUEUE_FULL),
+                               shared_counts=self._counters.payments_row()),
             BodyRoute(app, "/purge-payments", self._purge, MAX_BODY_BYTES,
                       header=b"x-rinha-token"),
         ]
         app.get("/payments-summary", self._get_summary)
-        app.any("/payments", _method_not_allowed)
-        app.any("/payments-summary", _method_not_allowed)
-        app.any("/purge-payments", _method_not_allowed)
-        app.any("/*", _not_found)
+        app.get("/health", self._get_health)
+        app.get("/status", self._get_status)
+        app.get("/metrics", self._get_metrics)
+        for path in ("/payments", "/payments-summary", "/purge-payments", "/health", "/status",
+                     "/metrics"):
+            app.any(path, self._method_not_allowed)
+        app.any("/*", self._not_found)
         if not listen(app, self._settings.host, self._settings.port):
             raise OSError(f"cannot listen on {self._settings.host}:{self._settings.port}")
-        beat_timer = None
-        if self._heartbeat is not None:
-            heartbeat = self._heartbeat
-            heartbeat()
-            interval_ms = int(BEAT_INTERVAL_S * 1000)
-            beat_timer = app.loop.uv_loop.create_timer(interval_ms, interval_ms,
-                                                       lambda _: heartbeat(), None)
+        heartbeat = self._heartbeat
+        heartbeat()
+        interval_ms = int(BEAT_INTERVAL_S * 1000)
+        beat_timer = app.loop.uv_loop.create_timer(interval_ms, interval_ms,
+                                                   lambda _: heartbeat(), None)
         app.loop.uv_loop.run()
         del beat_timer  # alive as long as the loop runs
 
     # POST /payments ----------------------------------------------------------------------
 
     def _accept_payment(self, body: bytes, _header: bytes | None) -> tuple[int, bytes]:
-        try:
-            raw_id, cents = parse_payment(body)
-        except BadRequest as exc:
-            return exc.status, _error_json(str(exc))
-        try:
-            self._queue.send(wire.encode_payment(raw_id, cents), timeout=0)
-        except posix_ipc.BusyError:
-            # An explicit refusal, never a silent drop (invariant 1).
-            return 503, _error_json(QUEUE_FULL)
-        return 202, b""
+        """A body the C route left to Python (the C route counts its own answers)."""
+        status, payload = accept_payment(self._queue, body)
+        self._counters.count(_PAYMENTS, status)
+        return status, payload
 
     # GET /payments-summary ---------------------------------------------------------------
 
@@ -171,14 +170,51 @@ class Intake:
         try:
             first, last = summary_window(req.get_query("from"), req.get_query("to"))
         except BadRequest as exc:
-            _reply_error(res, exc.status, str(exc))
+            self._reply(res, _SUMMARY, exc.status, _error_json(str(exc)))
             return
-        body = summary_json(self._ledger.summary(first, last))
-        res.write_status(200).write_header(b"Content-Type", _JSON).end(body)
+        self._reply(res, _SUMMARY, 200, summary_json(self._ledger.summary(first, last)))
+
+    # The operator's pages (status_page.py) ------------------------------------------------
+
+    def _get_health(self, res: Any, req: Any) -> None:
+        if self._no_query(res, req, _HEALTH):
+            self._reply(res, _HEALTH, *self._status.health())
+
+    def _get_status(self, res: Any, req: Any) -> None:
+        if self._no_query(res, req, _STATUS):
+            self._reply(res, _STATUS, 200, self._status.status())
+
+    def _get_metrics(self, res: Any, req: Any) -> None:
+        if self._no_query(res, req, _METRICS):
+            self._counters.count(_METRICS, 200)  # counted before: the scrape sees itself
+            res.write_status(200).write_header(b"Content-Type", _PROMETHEUS).end(
+                self._status.prometheus())
+
+    def _no_query(self, res: Any, req: Any, route: int) -> bool:
+        """The operator's pages take no parameters: a query string is a mistake to report."""
+        if "?" not in req.get_full_url():
+            return True
+        self._reply(res, route, 400, _error_json("this endpoint takes no query parameters"))
+        return False
+
+    def _not_found(self, res: Any, req: Any) -> None:
+        self._reply(res, _OTHER, 404, _error_json("no such endpoint"))
+
+    def _method_not_allowed(self, res: Any, req: Any) -> None:
+        self._reply(res, _OTHER, 405, _error_json("method not allowed"))
+
+    def _reply(self, res: Any, route: int, status: int, body: bytes) -> None:
+        self._counters.count(route, status)
+        res.write_status(status).write_header(b"Content-Type", _JSON).end(body)
 
     # POST /purge-payments ----------------------------------------------------------------
 
     def _purge(self, body: bytes, token: bytes | None) -> tuple[int, bytes]:
+        status, payload = self._purge_answer(token)
+        self._counters.count(_PURGE, status)
+        return status, payload
+
+    def _purge_answer(self, token: bytes | None) -> tuple[int, bytes]:
         expected = self._settings.admin_token
         if expected is not None and token != expected.encode():
             return 401, _error_json("X-Rinha-Token required")
@@ -190,17 +226,24 @@ class Intake:
         return 200, b'{"message":"purged"}'
 
 
+def accept_payment(queue: posix_ipc.MessageQueue, body: bytes) -> tuple[int, bytes]:
+    """POST /payments in Python: (status, JSON body or b"") for a body, queued if valid."""
+    try:
+        raw_id, cents = parse_payment(body)
+    except BadRequest as exc:
+        return exc.status, _error_json(str(exc))
+    try:
+        queue.send(wire.encode_payment(raw_id, cents), timeout=0)
+    except posix_ipc.BusyError:
+        # An explicit refusal, never a silent drop (invariant 1).
+        return 503, _error_json(QUEUE_FULL)
+    return 202, b""
+
+
 def _error_json(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def _reply_error(res: Any, status: int, message: str) -> None:
-    res.write_status(status).write_header(b"Content-Type", _JSON).end(_error_json(message))
-
-
-def _not_found(res: Any, req: Any) -> None:
-    _reply_error(res, 404, "no such endpoint")
-
-
-def _method_not_allowed(res: Any, req: Any) -> None:
-    _reply_error(res, 405, "method not allowed")
+_PAYMENTS, _SUMMARY, _PURGE, _HEALTH, _STATUS, _METRICS, _OTHER = (
+    ROUTE_INDEX[route] for route in ROUTES)
+_PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"

@@ -26,9 +26,10 @@ import socket
 import time
 from collections.abc import Callable
 
-from rinha import wire
+from rinha import metrics, wire
 from rinha.health import HealthReport
 from rinha.ledger import OWN, PEER, PROCESSORS, Ledger
+from rinha.metrics import DispatcherCounters
 from rinha.settings import Settings
 
 log = logging.getLogger("rinha.peers")
@@ -113,7 +114,9 @@ class PeerSync:
         ledger: Ledger,
         sock: socket.socket,
         on_health: Callable[[HealthReport], None],
+        counters: DispatcherCounters | None = None,
     ) -> None:
+        self._counters = counters
         assert settings.peer_addr is not None
         self._settings = settings
         self._ledger = ledger
@@ -161,6 +164,8 @@ class PeerSync:
             return
         try:
             self._sock.sendto(datagram, target)
+            if self._counters is not None:
+                self._counters.sync(metrics.SYNC_SENT)
         except OSError as exc:
             # The peer is down or the buffer is full: the periodic resend heals it.
             log.debug("sync datagram not sent: %r", exc)
@@ -198,13 +203,20 @@ class PeerSync:
                 return
             if not self._peer.is_peer(address):
                 self.dropped_foreign += 1
+                if self._counters is not None:
+                    self._counters.sync(metrics.SYNC_FOREIGN)
                 log.warning("dropped a sync datagram from %s:%d (not the peer; %d so far)",
                             *address, self.dropped_foreign)
                 continue
             try:
                 self.handle(data, address)
+                if self._counters is not None:
+                    self._counters.sync(metrics.SYNC_RECEIVED)
+                    self._counters.heard_peer()
             except wire.MalformedDatagram as exc:
                 self.dropped_malformed += 1
+                if self._counters is not None:
+                    self._counters.sync(metrics.SYNC_MALFORMED)
                 log.warning("dropped a malformed sync datagram (%s; %d so far)", exc,
                             self.dropped_malformed)
 

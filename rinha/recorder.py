@@ -12,11 +12,14 @@ import asyncio
 
 from rinha.holding import RECORDING, HeldPayment, HoldingTable
 from rinha.ledger import Ledger
+from rinha.metrics import DispatcherCounters
 from rinha.peers import PeerSync
 
 
 class Recorder:
-    def __init__(self, table: HoldingTable, ledger: Ledger, peer: PeerSync | None) -> None:
+    def __init__(self, table: HoldingTable, ledger: Ledger, peer: PeerSync | None,
+                 counters: DispatcherCounters | None = None) -> None:
+        self._counters = counters
         self._table = table
         self._ledger = ledger
         self._peer = peer
@@ -34,6 +37,8 @@ class Recorder:
         self._table.mark(payment, RECORDING)
         self._ledger.record(payment.requested_at, payment.processor, payment.cents)
         self.recorded += 1
+        if self._counters is not None:
+            self._counters.recorded(payment.processor)
         self._mark_dirty(payment.requested_at, payment.processor)
         return self._table.release(payment)
 
@@ -41,6 +46,10 @@ class Recorder:
         """A RECORDING slot left by a killed dispatcher: add it iff the add did not happen."""
         if self._ledger.own_word(payment.requested_at, payment.processor) == payment.word_before:
             self._ledger.record(payment.requested_at, payment.processor, payment.cents)
+            if self._counters is not None:
+                # Counted here only if the add is ours: a predecessor killed between its add
+                # and its count leaves the conservation check one short (status_page.py).
+                self._counters.recorded(payment.processor)
         self._mark_dirty(payment.requested_at, payment.processor)
         self._table.release(payment)
 

@@ -19,6 +19,7 @@ from rinha import wire
 from rinha.heartbeat import Heartbeats
 from rinha.holding import HoldingTable
 from rinha.ledger import Ledger
+from rinha.metrics import Metrics
 from rinha.settings import Settings
 
 log = logging.getLogger("rinha.resources")
@@ -36,13 +37,15 @@ class Resources:
     ledger: Ledger
     table: HoldingTable
     heartbeats: Heartbeats
+    metrics: Metrics
 
     @classmethod
     def open_or_create(cls, settings: Settings) -> Resources:
         queue = _open_queue(settings)
         ledger = _open_ledger(settings)
         table = _open_table(settings)
-        return cls(queue, ledger, table, Heartbeats.create_or_open(settings.heartbeat_name))
+        return cls(queue, ledger, table, Heartbeats.create_or_open(settings.heartbeat_name),
+                   Metrics.create_or_open(settings.metrics_name))
 
     def is_drained(self) -> bool:
         """Nothing waits in the queue and nothing is held: safe to remove everything."""
@@ -54,6 +57,7 @@ class Resources:
         self.table.close()
         self.heartbeats.close()
         Heartbeats.unlink(settings.heartbeat_name)  # nothing in it outlives the supervisor
+        self.metrics.close()
         if remove:
             unlink_all(settings)
 
@@ -66,6 +70,7 @@ def unlink_all(settings: Settings) -> None:
     Ledger.unlink(settings.ledger_name)
     HoldingTable.unlink(settings.holding_name)
     Heartbeats.unlink(settings.heartbeat_name)
+    Metrics.unlink(settings.metrics_name)
 
 
 def _open_queue(settings: Settings) -> posix_ipc.MessageQueue:

@@ -139,11 +139,11 @@ class Router:
         """A request goes out; True if it probes a failing processor."""
         return routing.on_sent(self.circuits[processor], now)
 
-    def on_answered(self, processor: int) -> bool:
+    def on_answered(self, processor: int, now: float) -> bool:
         """The processor answered with what it holds (2XX, 422): it is up. True if it had
         been taken for failing."""
         was_failing = self.circuits[processor].failing
-        routing.on_success(self.circuits[processor])
+        routing.on_success(self.circuits[processor], now)
         return was_failing
 
     def on_failed(self, processor: int, now: float, was_probe: bool) -> bool:
@@ -159,6 +159,12 @@ class Router:
                                  self._backoff[0])
 
     # For the status page and the tests ------------------------------------------------------
+
+    def circuit_state(self, processor: int) -> tuple[int, float, int]:
+        """(state: 0 closed, 1 open, 2 probing; since (monotonic); consecutive failures)."""
+        circuit = self.circuits[processor]
+        state = 0 if not circuit.failing else 2 if circuit.probes_in_flight else 1
+        return state, circuit.changed_at, circuit.failures
 
     def counts(self) -> dict[str, int]:
         return {"waiting": len(self._waiting),

@@ -32,6 +32,8 @@ class Circuit:
     retry_at: float = 0.0  # when failing: the earliest moment for the next probe
     backoff_s: float = 0.0
     probes_in_flight: int = 0
+    changed_at: float = 0.0  # when `failing` last changed (for the status page)
+    failures: int = 0  # consecutive definite failures and unknown outcomes
 
 
 def admits(circuit: Circuit, now: float) -> bool:
@@ -63,10 +65,13 @@ def on_sent(circuit: Circuit, now: float) -> bool:
     return False
 
 
-def on_success(circuit: Circuit) -> None:
+def on_success(circuit: Circuit, now: float) -> None:
+    if circuit.failing:
+        circuit.changed_at = now
     circuit.failing = False
     circuit.backoff_s = 0.0
     circuit.probes_in_flight = 0
+    circuit.failures = 0
 
 
 def on_failure(
@@ -74,10 +79,12 @@ def on_failure(
 ) -> None:
     """A definite failure or an unknown outcome. Only a failed probe doubles the backoff: the
     other requests that were in flight when the processor started failing say nothing new."""
+    circuit.failures += 1
     if was_probe:
         circuit.probes_in_flight = max(0, circuit.probes_in_flight - 1)
     if not circuit.failing:
         circuit.failing = True
+        circuit.changed_at = now
         circuit.backoff_s = backoff_min_s
         circuit.retry_at = now + backoff_min_s
     elif was_probe:
@@ -89,6 +96,7 @@ def on_health_report(circuit: Circuit, failing: bool, now: float, backoff_min_s:
     """The shared service-health poll: a hint that opens the circuit or invites a probe now."""
     if failing and not circuit.failing:
         circuit.failing = True
+        circuit.changed_at = now
         circuit.backoff_s = backoff_min_s
         circuit.retry_at = now + backoff_min_s
     elif not failing and circuit.failing:

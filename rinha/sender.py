@@ -9,12 +9,14 @@ connection: as definite as a refusal), None for no answer after it left (unknown
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import httpx
 
 from rinha import wire
 from rinha.holding import HeldPayment
+from rinha.metrics import REPLY_CLASSES, DispatcherCounters
 from rinha.settings import Settings
 from rinha.transport import PooledTransport
 
@@ -22,10 +24,13 @@ _JSON_HEADER = (b"Content-Type", b"application/json")
 
 # Errors raised before a single byte of the request left: the processor cannot have it.
 _NOT_DELIVERED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_CLASS = {name: i for i, name in enumerate(REPLY_CLASSES)}
+_STATUS_CLASS = {422: _CLASS["422"], 500: _CLASS["500"], 429: _CLASS["429"]}
 
 
 class Sender:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, counters: DispatcherCounters | None = None) -> None:
+        self._counters = counters
         # Parsed once: building an httpx.Request from a string re-parses the URL (~10 us).
         self._urls = tuple(httpx.URL(f"{url}/payments") for url in settings.processor_urls)
         self._host_headers = tuple((b"Host", url.netloc) for url in self._urls)
@@ -51,17 +56,25 @@ class Sender:
         request = httpx.Request("POST", self._urls[processor], stream=httpx.ByteStream(body),
                                 headers=headers)
         self.in_flight += 1
+        sent_at = time.monotonic()
 
         def on_reply(reply: httpx.Response | BaseException) -> None:
             self.in_flight -= 1
             if isinstance(reply, httpx.Response):
-                on_status(reply.status_code)
+                status: int | None = reply.status_code
+                reply_class = (_CLASS["2xx"] if 200 <= status < 300
+                               else _STATUS_CLASS.get(status, _CLASS["other_status"]))
             elif isinstance(reply, _NOT_DELIVERED):
-                on_status(503)  # never left: as definite as a refusal
+                status, reply_class = 503, _CLASS["refused"]  # never left: a refusal
             elif isinstance(reply, httpx.TransportError):
-                on_status(None)
+                status = None
+                reply_class = _CLASS["timeout" if isinstance(reply, httpx.TimeoutException)
+                                     else "reset"]
             else:
                 raise reply  # not a network outcome: a bug; the loop's handler crashes it
+            if self._counters is not None:
+                self._counters.reply(processor, reply_class, time.monotonic() - sent_at)
+            on_status(status)
 
         self.transport.start(request, on_reply)
 

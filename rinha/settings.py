@@ -56,6 +56,7 @@ class Settings:
     admin_token: str | None
     heartbeat_timeout_s: float  # 0: hung children are not looked for
     log_level: str
+    log_format: str
 
     @property
     def queue_name(self) -> str:
@@ -68,6 +69,10 @@ class Settings:
     @property
     def holding_name(self) -> str:
         return f"/rinha-{self.instance_name}-holding"
+
+    @property
+    def metrics_name(self) -> str:
+        return f"/rinha-{self.instance_name}-metrics"
 
     @property
     def heartbeat_name(self) -> str:
@@ -154,6 +159,8 @@ def _variables() -> tuple[Variable, ...]:
           "replace a child whose loop has not turned for this long of its own time (0: off)"),
         v("LOG_LEVEL", "log_level", "INFO", _log_level,
           "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+        v("LOG_FORMAT", "log_format", "text", _one_of("text", "json"),
+          "text, or json: one JSON object per line (time, instance, process, level, event)"),
     )
 
 
@@ -270,6 +277,15 @@ def _http_url(raw: str) -> str:
     if parts.path not in ("", "/") or parts.query:
         raise ValueError("must be the processor's base URL, without a path or query")
     return raw.rstrip("/")
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(f"use {' or '.join(choices)}")
+        return raw.lower()
+
+    return parse
 
 
 def _optional_int(raw: str) -> int | None:

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rinha import prctl
+from rinha import logs, prctl
 from rinha.heartbeat import Heartbeats, Silence, run_delay_ns
+from rinha.metrics import SupervisorCounters
 
 log = logging.getLogger("rinha.supervisor")
 
@@ -55,8 +56,10 @@ class ChildSpec:
 
 class Supervisor:
     def __init__(self, children: list[ChildSpec], heartbeats: Heartbeats | None = None,
-                 heartbeat_timeout_s: float = 0.0) -> None:
+                 heartbeat_timeout_s: float = 0.0,
+                 counters: SupervisorCounters | None = None) -> None:
         self._children = children
+        self._counters = counters
         self._heartbeats = heartbeats
         self._heartbeat_timeout_s = heartbeat_timeout_s
         self._should_exit = False
@@ -64,6 +67,8 @@ class Supervisor:
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        if self._counters is not None:
+            self._counters.started()
         for child in self._children:
             self.spawn_child(child)
         while not self._should_exit:
@@ -88,7 +93,7 @@ class Supervisor:
 
     # Children ------------------------------------------------------------------------------
 
-    def spawn_child(self, child: ChildSpec) -> None:
+    def spawn_child(self, child: ChildSpec, restarted: bool = False) -> None:
         beat = self._heartbeats.last(child.slot) if self._heartbeats is not None else 0
         parent = os.getpid()
         pid = os.fork()
@@ -96,6 +101,8 @@ class Supervisor:
             _run_child(child, parent)  # never returns
         child.pid = pid
         child.silence = Silence(time.monotonic_ns(), beat)
+        if self._counters is not None:
+            self._counters.child(child.slot, pid, restarted)
         log.info("%s started, pid %d", child.role, pid)
 
     def kill_hung_children(self) -> None:
@@ -147,7 +154,7 @@ class Supervisor:
             self._halt()
             return
         log.warning("%s (exit %s) died; restarting it", child.role, code)
-        self.spawn_child(child)
+        self.spawn_child(child, restarted=True)
 
     def _halt(self) -> None:
         self._should_exit = True
@@ -195,6 +202,7 @@ def _run_child(child: ChildSpec, parent: int) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         prctl.set_process_name(f"rinha-{child.role}")
+        logs.set_role(child.role)
         child.target()
         code = CHILD_OK
     except BootError as exc:

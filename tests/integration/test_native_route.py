@@ -242,13 +242,13 @@ def _serve(port: int, queue_name: str) -> None:
     from socketify import App
 
     from rinha.body_route import NativePaymentRoute
-    from rinha.intake import Intake
+    from rinha.intake import accept_payment
     from rinha.listening import listen
 
     queue = posix_ipc.MessageQueue(queue_name)
-    intake = Intake(None, queue, None)  # type: ignore[arg-type]  # only POST /payments is used
     app = App()
-    route = NativePaymentRoute(app, "/payments", intake._accept_payment, queue.mqd,
+    route = NativePaymentRoute(app, "/payments",
+                               lambda body, _header: accept_payment(queue, body), queue.mqd,
                                MAX_BODY_BYTES, JSON_QUEUE_FULL)
 
     def counts(res, req) -> None:  # type: ignore[no-untyped-def]

@@ -160,7 +160,7 @@ def test_outcomes_and_health_move_the_circuits() -> None:
     assert r.circuits[DEFAULT].retry_at == NOW + 0.1
     r.on_health(HealthReport(DEFAULT, False, 0), NOW + 0.01)  # recovered: probe at once
     assert r.circuits[DEFAULT].retry_at == NOW + 0.01
-    assert r.on_answered(DEFAULT) is True
+    assert r.on_answered(DEFAULT, NOW) is True
     assert not r.circuits[DEFAULT].failing
     r.on_health(HealthReport(FALLBACK, True, 0), NOW)
-    assert r.circuits[FALLBACK].failing and r.on_answered(FALLBACK) is True
+    assert r.circuits[FALLBACK].failing and r.on_answered(FALLBACK, NOW) is True

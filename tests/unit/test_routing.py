@@ -133,7 +133,8 @@ def test_probes_in_flight_are_capped() -> None:
 def test_first_failure_opens_the_circuit_with_the_minimum_backoff() -> None:
     circuit = healthy()
     on_failure(circuit, NOW, False, MIN_S, MAX_S)
-    assert circuit == Circuit(failing=True, retry_at=NOW + MIN_S, backoff_s=MIN_S)
+    assert circuit == Circuit(failing=True, retry_at=NOW + MIN_S, backoff_s=MIN_S,
+                              changed_at=NOW, failures=1)
     assert not admits(circuit, NOW)
     assert admits(circuit, NOW + MIN_S)
 
@@ -143,7 +144,9 @@ def test_non_probe_failures_while_failing_change_nothing() -> None:
     on_failure(circuit, NOW, False, MIN_S, MAX_S)
     for later in (0.01, 0.02, 0.03):
         on_failure(circuit, NOW + later, False, MIN_S, MAX_S)
-    assert circuit == Circuit(failing=True, retry_at=NOW + MIN_S, backoff_s=MIN_S)
+    # Only the count of consecutive failures moves: the state changed once, at NOW.
+    assert circuit == Circuit(failing=True, retry_at=NOW + MIN_S, backoff_s=MIN_S,
+                              changed_at=NOW, failures=4)
 
 
 def test_a_non_probe_failure_keeps_the_probe_in_flight() -> None:
@@ -179,16 +182,18 @@ def test_a_failed_probe_after_a_zero_backoff_waits_at_least_the_minimum() -> Non
 
 def test_on_success_closes_the_circuit() -> None:
     circuit = probing()
-    on_success(circuit)
+    circuit.failures = 3
+    on_success(circuit, NOW + 1)
     assert not circuit.failing
     assert circuit.backoff_s == 0.0
     assert circuit.probes_in_flight == 0
+    assert (circuit.failures, circuit.changed_at) == (0, NOW + 1)
     assert admits(circuit, NOW - 100)
 
 
 def test_after_success_the_next_failure_starts_again_from_the_minimum() -> None:
     circuit = Circuit(failing=True, retry_at=NOW, backoff_s=MAX_S, probes_in_flight=1)
-    on_success(circuit)
+    on_success(circuit, NOW)
     on_failure(circuit, NOW, False, MIN_S, MAX_S)
     assert (circuit.backoff_s, circuit.retry_at) == (MIN_S, NOW + MIN_S)
 
@@ -196,7 +201,8 @@ def test_after_success_the_next_failure_starts_again_from_the_minimum() -> None:
 def test_health_report_of_failing_opens_a_healthy_circuit() -> None:
     circuit = healthy()
     on_health_report(circuit, True, NOW, MIN_S)
-    assert circuit == Circuit(failing=True, retry_at=NOW + MIN_S, backoff_s=MIN_S)
+    assert circuit == Circuit(failing=True, retry_at=NOW + MIN_S, backoff_s=MIN_S,
+                              changed_at=NOW)
     assert not admits(circuit, NOW)
 
 

@@ -42,6 +42,7 @@ def test_defaults_with_an_empty_environment() -> None:
         "admin_token": None,
         "heartbeat_timeout_s": 10.0,
         "log_level": "INFO",
+        "log_format": "text",
     }
 
 
