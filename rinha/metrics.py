@@ -113,8 +113,11 @@ class Metrics:
         return True
 
     def close(self) -> None:
-        self.words.release()
-        self._view.close()
+        try:
+            self.words.release()
+            self._view.close()
+        except BufferError:
+            pass  # a block view is still held (a counters object): unmapped at exit instead
 
     def block(self, index: int) -> memoryview:
         """The words of one block: the writer's own, or any for a reader."""
