@@ -4,26 +4,40 @@
  *    The shared-memory ledger of processed payments, per second and processor.
  *
  * Every rinha process in a container maps the same POSIX shared-memory
- * segment: the dispatchers add the payments they completed, the peer sync
- * mirrors the other instance's totals, the intake workers sum a time window
- * for GET /payments-summary.  The contest audits that summary against the
+ * segment: the dispatcher adds the payments it completed, the sync (UDP
+ * peers or Redis) mirrors the other instances' totals, the intake workers
+ * sum a time window for GET /payments-summary.  The contest audits that summary against the
  * payment processors' own, so a payment must never be counted without its
  * amount, and a process killed at any instruction must leave the ledger
  * usable.  Hence no locks anywhere: every update is a single atomic
  * instruction on a 64-bit word.
  *
- * Layout (LEDGER_VERSION 1; all integers native-endian):
+ * Layout (LEDGER_VERSION 2; all integers native-endian):
  *
  *   header, 64 bytes:
- *     uint32 magic, version, seconds (N, a power of two), reserved
- *     per region: int64 min_second, max_second (the span of seconds ever
- *       written since creation or purge; INT64_MAX, INT64_MIN when empty)
- *   cells, 2 regions x N seconds x 2 processors of 16 bytes:
+ *     uint32 magic, version, seconds (N, a power of two), regions (R, the
+ *       most instances one deployment may have)
+ *     uint32 in_use (regions labelled so far, 1..R), reserved
+ *   directory, R entries of 64 bytes:
+ *     int64 min_second, max_second (the span of seconds ever written to the
+ *       region since creation or purge; INT64_MAX, INT64_MIN when empty)
+ *     char label[48]  the instance whose region it is (NUL-terminated;
+ *       empty for region 0)
+ *   cells, R regions x N seconds x 2 processors of 16 bytes:
  *     int64 tag      the Unix second the cell currently belongs to
  *     uint64 word    count << 40 | cents
  *
- * Region 0 holds this instance's own payments, region 1 the mirror of the
- * peer's.  Processor 0 is the default, 1 the fallback.
+ * Region 0 holds this instance's own payments; region i > 0 the mirror of
+ * the instance named by its label, given out in the order the sync first
+ * heard of each one (assign_region).  Only regions below in_use are read,
+ * so a summary costs what the instances of the deployment cost, not R.
+ * Processor 0 is the default, 1 the fallback.
+ *
+ * Memory: the segment is sized for R regions but only the header, the
+ * directory and region 0 are reserved at creation (posix_fallocate, so a
+ * full /dev/shm fails at start rather than with a SIGBUS mid-run); a
+ * region's pages are reserved when it is assigned.  A cell never written
+ * is all zeros, which reads as empty: tag 0 is second 0 with a zero word.
  *
  * The cells of a region are a ring: second s lives in slot s mod N (N is
  * 131072 by default, 2^17 s, about 36.4 hours).  A second older than N
@@ -60,8 +74,11 @@
 #include <unistd.h>
 
 #define LEDGER_MAGIC 0x4c4e4952u        /* "RINL" read as little-endian bytes */
-#define LEDGER_VERSION 1u
-#define REGIONS 2
+#define LEDGER_VERSION 2u
+#define DEFAULT_REGIONS 16u
+#define MIN_REGIONS 2u
+#define MAX_REGIONS 256u
+#define LABEL_BYTES 48
 #define PROCESSORS 2
 #define DEFAULT_SECONDS 131072u
 #define MIN_SECONDS 1024u
@@ -85,9 +102,15 @@ struct header {
     uint32_t magic;
     uint32_t version;
     uint32_t seconds;
+    uint32_t regions;
+    uint32_t in_use;
     uint32_t reserved;
-    struct span spans[REGIONS];
-    unsigned char padding[16];
+    unsigned char padding[40];
+};
+
+struct region_entry {
+    struct span span;
+    char label[LABEL_BYTES];
 };
 
 struct cell {
@@ -97,14 +120,17 @@ struct cell {
 
 _Static_assert(sizeof(struct header) == 64, "header must stay 64 bytes");
 _Static_assert(sizeof(struct cell) == 16, "cell must stay 16 bytes");
+_Static_assert(sizeof(struct region_entry) == 64, "directory entry must stay 64 bytes");
 
 typedef struct {
     PyObject_HEAD
     struct header *hdr;                 /* NULL once closed */
+    struct region_entry *dir;
     struct cell *cells;
     size_t size;
     uint64_t mask;                      /* seconds - 1 */
     uint32_t seconds;
+    uint32_t regions;
     PyObject *name;
 } LedgerObject;
 
@@ -113,10 +139,29 @@ typedef struct {
 /* The lock-free core. */
 
 static size_t
-segment_size(uint32_t seconds)
+cells_offset(uint32_t regions)
 {
-    return sizeof(struct header)
-        + (size_t)REGIONS * seconds * PROCESSORS * sizeof(struct cell);
+    return sizeof(struct header) + (size_t)regions * sizeof(struct region_entry);
+}
+
+static size_t
+region_bytes(uint32_t seconds)
+{
+    return (size_t)seconds * PROCESSORS * sizeof(struct cell);
+}
+
+static size_t
+segment_size(uint32_t seconds, uint32_t regions)
+{
+    return cells_offset(regions) + (size_t)regions * region_bytes(seconds);
+}
+
+static uint32_t
+regions_in_use(const LedgerObject *self)
+{
+    /* Acquire: pairs with assign's release, so a label and its span are
+     * seen initialised before the region counts. */
+    return __atomic_load_n(&self->hdr->in_use, __ATOMIC_ACQUIRE);
 }
 
 static struct cell *
@@ -201,15 +246,28 @@ span_read(const struct span *sp, int64_t *lo, int64_t *hi)
 static void
 region_purge(LedgerObject *self, int region)
 {
-    struct cell *c = self->cells + (size_t)region * self->seconds * PROCESSORS;
-    size_t n = (size_t)self->seconds * PROCESSORS;
+    struct span *sp = &self->dir[region].span;
+    int64_t lo, hi;
 
-    span_reset(&self->hdr->spans[region]);
-    for (size_t i = 0; i < n; i++) {
-        /* Same order and orders as cell_claim, with no second to claim. */
-        __atomic_store_n(&c[i].tag, EMPTY_TAG, __ATOMIC_RELEASE);
-        __atomic_store_n(&c[i].word, 0, __ATOMIC_RELEASE);
+    /* Only the seconds written since the last purge can hold anything (every
+     * other cell is zero, or was emptied by an earlier purge), so only their
+     * pages are touched.  Cells first, span last: a purge killed half-way
+     * leaves the span in place and the next purge finishes the job. */
+    if (span_read(sp, &lo, &hi)) {
+        uint64_t n = (uint64_t)hi - (uint64_t)lo + 1;
+        if (n > self->seconds) {
+            n = self->seconds;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            struct cell *c = slot_cells(self, region, (int64_t)((uint64_t)lo + i));
+            for (int p = 0; p < PROCESSORS; p++) {
+                /* Same order and orders as cell_claim, with no second to claim. */
+                __atomic_store_n(&c[p].tag, EMPTY_TAG, __ATOMIC_RELEASE);
+                __atomic_store_n(&c[p].word, 0, __ATOMIC_RELEASE);
+            }
+        }
     }
+    span_reset(sp);
 }
 
 static void
@@ -218,7 +276,7 @@ region_sum(const LedgerObject *self, int region, int64_t from, int64_t to,
 {
     int64_t lo, hi;
 
-    if (!span_read(&self->hdr->spans[region], &lo, &hi)) {
+    if (!span_read(&self->dir[region].span, &lo, &hi)) {
         return;
     }
     /* Only the N most recent seconds can still be in the ring. */
@@ -313,6 +371,15 @@ check_open(const LedgerObject *self)
     return 0;
 }
 
+/* A region number: one of the regions in use (0, this instance's own, is
+ * always in use). */
+static int
+as_region(const LedgerObject *self, PyObject *obj, int64_t *out)
+{
+    return as_bounded(obj, "region (of those in use)", (int64_t)regions_in_use(self) - 1,
+                      out);
+}
+
 /* The (region, second, processor) prefix shared by add, word, get, store. */
 static int
 parse_cell(LedgerObject *self, PyObject *const *args, Py_ssize_t nargs,
@@ -327,7 +394,7 @@ parse_cell(LedgerObject *self, PyObject *const *args, Py_ssize_t nargs,
         return -1;
     }
     if (check_open(self) < 0
-        || as_bounded(args[0], "region", REGIONS - 1, &r) < 0
+        || as_region(self, args[0], &r) < 0
         || as_second(args[1], second) < 0
         || as_bounded(args[2], "processor", PROCESSORS - 1, &p) < 0) {
         return -1;
@@ -376,9 +443,9 @@ check_name(PyObject *name, const char **cname)
 }
 
 static int
-ledger_create(LedgerObject *self, const char *cname, uint32_t seconds)
+ledger_create(LedgerObject *self, const char *cname, uint32_t seconds, uint32_t regions)
 {
-    size_t size = segment_size(seconds);
+    size_t size = segment_size(seconds, regions);
     int fd, err;
 
     fd = shm_open(cname, O_RDWR | O_CREAT | O_EXCL, 0600);
@@ -386,13 +453,14 @@ ledger_create(LedgerObject *self, const char *cname, uint32_t seconds)
         raise_errno(errno, self->name);
         return -1;
     }
-    /* Reserve every page now: on a full /dev/shm this fails here with
-     * ENOSPC instead of a SIGBUS in some dispatcher mid-run. */
+    /* Reserve the header, the directory and region 0 now: on a full
+     * /dev/shm this fails here with ENOSPC instead of a SIGBUS in some
+     * dispatcher mid-run.  Other regions are reserved when assigned. */
     if (ftruncate(fd, (off_t)size) < 0) {
         err = errno;
     }
     else {
-        err = posix_fallocate(fd, 0, (off_t)size);
+        err = posix_fallocate(fd, 0, (off_t)(cells_offset(regions) + region_bytes(seconds)));
     }
     if (err == 0) {
         self->hdr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -410,13 +478,18 @@ ledger_create(LedgerObject *self, const char *cname, uint32_t seconds)
 
     self->size = size;
     self->seconds = seconds;
+    self->regions = regions;
     self->mask = seconds - 1;
-    self->cells = (struct cell *)(self->hdr + 1);
+    self->dir = (struct region_entry *)(self->hdr + 1);
+    self->cells = (struct cell *)((char *)self->hdr + cells_offset(regions));
     self->hdr->version = LEDGER_VERSION;
     self->hdr->seconds = seconds;
+    self->hdr->regions = regions;
+    self->hdr->in_use = 1;
     self->hdr->reserved = 0;
-    for (int r = 0; r < REGIONS; r++) {
-        region_purge(self, r);
+    /* The cells are zeros, which read as empty; only the spans need a value. */
+    for (uint32_t r = 0; r < regions; r++) {
+        span_reset(&self->dir[r].span);
     }
     /* Release, last: an opener that acquires the magic sees a finished
      * header and cells. */
@@ -429,7 +502,7 @@ ledger_open(LedgerObject *self, const char *cname)
 {
     struct stat st;
     struct header *hdr;
-    uint32_t magic, seconds;
+    uint32_t magic, seconds, regions, in_use;
     size_t size;
     int fd, err;
 
@@ -462,6 +535,8 @@ ledger_open(LedgerObject *self, const char *cname)
     /* Acquire: pairs with the creator's final release of the magic. */
     magic = __atomic_load_n(&hdr->magic, __ATOMIC_ACQUIRE);
     seconds = hdr->seconds;
+    regions = hdr->regions;
+    in_use = __atomic_load_n(&hdr->in_use, __ATOMIC_ACQUIRE);
     if (magic != LEDGER_MAGIC) {
         PyErr_Format(PyExc_ValueError,
                      "segment %R is not a rinha ledger (magic 0x%x%s)", self->name,
@@ -478,10 +553,18 @@ ledger_open(LedgerObject *self, const char *cname)
                      "segment %R declares %u seconds, not a power of two in %u..%u",
                      self->name, (unsigned int)seconds, MIN_SECONDS, MAX_SECONDS);
     }
-    else if (size != segment_size(seconds)) {
+    else if (regions < MIN_REGIONS || regions > MAX_REGIONS
+             || in_use < 1 || in_use > regions) {
         PyErr_Format(PyExc_ValueError,
-                     "segment %R is %zu bytes, a ledger of %u seconds is %zu",
-                     self->name, size, (unsigned int)seconds, segment_size(seconds));
+                     "segment %R declares %u regions (%u in use), not %u..%u",
+                     self->name, (unsigned int)regions, (unsigned int)in_use,
+                     MIN_REGIONS, MAX_REGIONS);
+    }
+    else if (size != segment_size(seconds, regions)) {
+        PyErr_Format(PyExc_ValueError,
+                     "segment %R is %zu bytes, a ledger of %u seconds x %u regions is %zu",
+                     self->name, size, (unsigned int)seconds, (unsigned int)regions,
+                     segment_size(seconds, regions));
     }
     if (PyErr_Occurred()) {
         munmap(hdr, size);
@@ -491,8 +574,10 @@ ledger_open(LedgerObject *self, const char *cname)
     self->hdr = hdr;
     self->size = size;
     self->seconds = seconds;
+    self->regions = regions;
     self->mask = seconds - 1;
-    self->cells = (struct cell *)(hdr + 1);
+    self->dir = (struct region_entry *)(hdr + 1);
+    self->cells = (struct cell *)((char *)hdr + cells_offset(regions));
     return 0;
 }
 
@@ -513,15 +598,15 @@ ledger_unmap(LedgerObject *self)
 static PyObject *
 Ledger_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"name", "create", "seconds", NULL};
-    PyObject *name = NULL, *seconds_obj = NULL;
+    static char *kwlist[] = {"name", "create", "seconds", "regions", NULL};
+    PyObject *name = NULL, *seconds_obj = NULL, *regions_obj = NULL;
     int create = -1;
-    int64_t seconds = DEFAULT_SECONDS;
+    int64_t seconds = DEFAULT_SECONDS, regions = DEFAULT_REGIONS;
     const char *cname;
     LedgerObject *self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|$pO:Ledger", kwlist,
-                                     &name, &create, &seconds_obj)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|$pOO:Ledger", kwlist,
+                                     &name, &create, &seconds_obj, &regions_obj)) {
         return NULL;
     }
     if (create < 0) {
@@ -544,6 +629,16 @@ Ledger_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
             return NULL;
         }
     }
+    if (create && regions_obj != NULL) {
+        if (as_int64(regions_obj, "regions", &regions) < 0) {
+            return NULL;
+        }
+        if (regions < MIN_REGIONS || regions > MAX_REGIONS) {
+            PyErr_Format(PyExc_ValueError, "regions must be in %u..%u, got %R",
+                         MIN_REGIONS, MAX_REGIONS, regions_obj);
+            return NULL;
+        }
+    }
 
     self = (LedgerObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
@@ -551,7 +646,7 @@ Ledger_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     }
     Py_INCREF(name);
     self->name = name;
-    if ((create ? ledger_create(self, cname, (uint32_t)seconds)
+    if ((create ? ledger_create(self, cname, (uint32_t)seconds, (uint32_t)regions)
                 : ledger_open(self, cname)) < 0) {
         Py_DECREF(self);
         return NULL;
@@ -607,7 +702,7 @@ Ledger_add(LedgerObject *self, PyObject *const *args, Py_ssize_t nargs)
      * one our add was applied to, after every earlier writer's add. */
     before = __atomic_fetch_add(&c->word, ONE_PAYMENT + (uint64_t)cents,
                                 __ATOMIC_ACQ_REL);
-    span_include(&self->hdr->spans[region], second);
+    span_include(&self->dir[region].span, second);
     return PyLong_FromUnsignedLongLong(before);
 }
 
@@ -635,7 +730,7 @@ Ledger_store(LedgerObject *self, PyObject *const *args, Py_ssize_t nargs)
     /* Release: like add, publishes count and cents together. */
     __atomic_store_n(&c->word, ((uint64_t)count << CENTS_BITS) | (uint64_t)cents,
                      __ATOMIC_RELEASE);
-    span_include(&self->hdr->spans[region], second);
+    span_include(&self->dir[region].span, second);
     Py_RETURN_NONE;
 }
 
@@ -682,7 +777,8 @@ Ledger_get(LedgerObject *self, PyObject *const *args, Py_ssize_t nargs)
 PyDoc_STRVAR(Ledger_summary__doc__,
 "summary($self, from_second=None, to_second=None)\n--\n\n"
 "(default_count, default_cents, fallback_count, fallback_cents) summed over\n"
-"both regions for from_second <= s <= to_second; None leaves that side open.\n\n"
+"every region in use for from_second <= s <= to_second; None leaves that\n"
+"side open.\n\n"
 "Only seconds in a region's written span and among its N most recent are\n"
 "visited; older ones may have been overwritten by the ring.");
 
@@ -701,8 +797,9 @@ Ledger_summary(LedgerObject *self, PyObject *args, PyObject *kwargs)
         || as_bound(to_obj, INT64_MAX, &to) < 0) {
         return NULL;
     }
-    for (int r = 0; r < REGIONS; r++) {
-        region_sum(self, r, from, to, totals);
+    uint32_t in_use = regions_in_use(self);
+    for (uint32_t r = 0; r < in_use; r++) {
+        region_sum(self, (int)r, from, to, totals);
     }
     return totals_tuple(totals);
 }
@@ -723,7 +820,7 @@ Ledger_region_summary(LedgerObject *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OO:region_summary", kwlist,
                                      &region_obj, &from_obj, &to_obj)
         || check_open(self) < 0
-        || as_bounded(region_obj, "region", REGIONS - 1, &region) < 0
+        || as_region(self, region_obj, &region) < 0
         || as_bound(from_obj, INT64_MIN, &from) < 0
         || as_bound(to_obj, INT64_MAX, &to) < 0) {
         return NULL;
@@ -744,10 +841,10 @@ Ledger_seconds_written(LedgerObject *self, PyObject *region_obj)
     int64_t region, lo, hi;
 
     if (check_open(self) < 0
-        || as_bounded(region_obj, "region", REGIONS - 1, &region) < 0) {
+        || as_region(self, region_obj, &region) < 0) {
         return NULL;
     }
-    if (!span_read(&self->hdr->spans[region], &lo, &hi)) {
+    if (!span_read(&self->dir[region].span, &lo, &hi)) {
         Py_RETURN_NONE;
     }
     return Py_BuildValue("(LL)", (long long)lo, (long long)hi);
@@ -756,7 +853,8 @@ Ledger_seconds_written(LedgerObject *self, PyObject *region_obj)
 
 PyDoc_STRVAR(Ledger_purge__doc__,
 "purge($self, region=None)\n--\n\n"
-"Empty every cell of that region (both if None) and forget its span.\n\n"
+"Empty every cell of that region (every region in use if None) and forget\n"
+"its span; the regions keep their labels.\n\n"
 "Not atomic against concurrent writers: quiet them first.");
 
 static PyObject *
@@ -771,17 +869,175 @@ Ledger_purge(LedgerObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     if (region_obj == Py_None) {
-        for (int r = 0; r < REGIONS; r++) {
-            region_purge(self, r);
+        uint32_t in_use = regions_in_use(self);
+        for (uint32_t r = 0; r < in_use; r++) {
+            region_purge(self, (int)r);
         }
     }
     else {
-        if (as_bounded(region_obj, "region", REGIONS - 1, &region) < 0) {
+        if (as_region(self, region_obj, &region) < 0) {
             return NULL;
         }
         region_purge(self, (int)region);
     }
     Py_RETURN_NONE;
+}
+
+
+/* A region label: 1..LABEL_BYTES-1 bytes of UTF-8 with no NUL. */
+static int
+as_label(PyObject *obj, const char **out, Py_ssize_t *len)
+{
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "label must be str, not %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = PyUnicode_AsUTF8AndSize(obj, len);
+    if (*out == NULL) {
+        return -1;
+    }
+    if (*len < 1 || *len >= LABEL_BYTES || strlen(*out) != (size_t)*len) {
+        PyErr_Format(PyExc_ValueError, "label must be 1..%d bytes with no NUL: %R",
+                     LABEL_BYTES - 1, obj);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+find_label(const LedgerObject *self, const char *label, uint32_t in_use)
+{
+    for (uint32_t r = 1; r < in_use; r++) {
+        if (strncmp(self->dir[r].label, label, LABEL_BYTES) == 0) {
+            return (int)r;
+        }
+    }
+    return -1;
+}
+
+/* Reserve a region's pages before it is used (see ledger_create). */
+static int
+reserve_region(LedgerObject *self, uint32_t region)
+{
+    const char *cname = PyUnicode_AsUTF8(self->name);
+    int fd, err;
+
+    if (cname == NULL) {
+        return -1;
+    }
+    fd = shm_open(cname, O_RDWR, 0);
+    if (fd < 0) {
+        raise_errno(errno, self->name);
+        return -1;
+    }
+    err = posix_fallocate(fd, (off_t)(cells_offset(self->regions)
+                                      + (size_t)region * region_bytes(self->seconds)),
+                          (off_t)region_bytes(self->seconds));
+    close(fd);
+    if (err != 0) {
+        raise_errno(err, self->name);
+        return -1;
+    }
+    return 0;
+}
+
+
+PyDoc_STRVAR(Ledger_region_of__doc__,
+"region_of($self, label, /)\n--\n\n"
+"The region labelled `label` (an instance's name), None if none is.");
+
+static PyObject *
+Ledger_region_of(LedgerObject *self, PyObject *label_obj)
+{
+    const char *label;
+    Py_ssize_t len;
+    int region;
+
+    if (check_open(self) < 0 || as_label(label_obj, &label, &len) < 0) {
+        return NULL;
+    }
+    region = find_label(self, label, regions_in_use(self));
+    if (region < 0) {
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromLong(region);
+}
+
+
+PyDoc_STRVAR(Ledger_assign_region__doc__,
+"assign_region($self, label, /)\n--\n\n"
+"The region labelled `label`, given the next free region (its pages\n"
+"reserved first) if none is yet.  LookupError when every region is taken.\n\n"
+"Labels are never taken back (a purge keeps them): an instance keeps its\n"
+"region for the life of the segment.  One assigning process at a time:\n"
+"the supervisor before it forks, then the dispatcher.");
+
+static PyObject *
+Ledger_assign_region(LedgerObject *self, PyObject *label_obj)
+{
+    const char *label;
+    Py_ssize_t len;
+    uint32_t in_use;
+    int region;
+
+    if (check_open(self) < 0 || as_label(label_obj, &label, &len) < 0) {
+        return NULL;
+    }
+    in_use = regions_in_use(self);
+    region = find_label(self, label, in_use);
+    if (region >= 0) {
+        return PyLong_FromLong(region);
+    }
+    if (in_use >= self->regions) {
+        PyErr_Format(PyExc_LookupError,
+                     "all %u regions of ledger %R are taken; %R cannot have one "
+                     "(LEDGER_REGIONS bounds the instances of a deployment)",
+                     (unsigned int)self->regions, self->name, label_obj);
+        return NULL;
+    }
+    if (reserve_region(self, in_use) < 0) {
+        return NULL;
+    }
+    memset(self->dir[in_use].label, 0, LABEL_BYTES);
+    memcpy(self->dir[in_use].label, label, (size_t)len);
+    span_reset(&self->dir[in_use].span);
+    /* Release: a reader that sees the new count sees the label and span. */
+    __atomic_store_n(&self->hdr->in_use, in_use + 1, __ATOMIC_RELEASE);
+    return PyLong_FromUnsignedLong(in_use);
+}
+
+
+PyDoc_STRVAR(Ledger_labels__doc__,
+"labels($self)\n--\n\n"
+"The label of every region in use, by region ('' for region 0, this\n"
+"instance's own).");
+
+static PyObject *
+Ledger_labels(LedgerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    uint32_t in_use;
+    PyObject *list;
+
+    if (check_open(self) < 0) {
+        return NULL;
+    }
+    in_use = regions_in_use(self);
+    list = PyList_New(in_use);
+    if (list == NULL) {
+        return NULL;
+    }
+    for (uint32_t r = 0; r < in_use; r++) {
+        PyObject *text = PyUnicode_DecodeUTF8(
+            self->dir[r].label, (Py_ssize_t)strnlen(self->dir[r].label, LABEL_BYTES),
+            "replace");
+        if (text == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, r, text);
+    }
+    return list;
 }
 
 
@@ -829,6 +1085,21 @@ Ledger_get_seconds(LedgerObject *self, void *Py_UNUSED(closure))
 }
 
 static PyObject *
+Ledger_get_regions(LedgerObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLong(self->regions);
+}
+
+static PyObject *
+Ledger_get_regions_in_use(LedgerObject *self, void *Py_UNUSED(closure))
+{
+    if (check_open(self) < 0) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(regions_in_use(self));
+}
+
+static PyObject *
 Ledger_get_closed(LedgerObject *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(self->hdr == NULL);
@@ -852,6 +1123,10 @@ static struct PyMethodDef Ledger_methods[] = {
         Ledger_seconds_written__doc__},
     {"purge", (PyCFunction)(void (*)(void))Ledger_purge,
         METH_VARARGS | METH_KEYWORDS, Ledger_purge__doc__},
+    {"region_of", (PyCFunction)Ledger_region_of, METH_O, Ledger_region_of__doc__},
+    {"assign_region", (PyCFunction)Ledger_assign_region, METH_O,
+        Ledger_assign_region__doc__},
+    {"labels", (PyCFunction)Ledger_labels, METH_NOARGS, Ledger_labels__doc__},
     {"close", (PyCFunction)Ledger_close, METH_NOARGS, Ledger_close__doc__},
     {"__enter__", (PyCFunction)Ledger_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))Ledger_exit, METH_FASTCALL, NULL},
@@ -862,17 +1137,22 @@ static PyGetSetDef Ledger_getset[] = {
     {"name", (getter)Ledger_get_name, NULL, "The shared-memory segment name.", NULL},
     {"seconds", (getter)Ledger_get_seconds, NULL,
         "N, the seconds in each region's ring.", NULL},
+    {"regions", (getter)Ledger_get_regions, NULL,
+        "R, the most regions (instances of the deployment) it can hold.", NULL},
+    {"regions_in_use", (getter)Ledger_get_regions_in_use, NULL,
+        "Regions labelled so far, region 0 included.", NULL},
     {"closed", (getter)Ledger_get_closed, NULL, "True after close().", NULL},
     {NULL, NULL, NULL, NULL, NULL}  /* sentinel */
 };
 
 PyDoc_STRVAR(Ledger__doc__,
-"Ledger(name, *, create, seconds=131072)\n--\n\n"
+"Ledger(name, *, create, seconds=131072, regions=16)\n--\n\n"
 "A mapping of the shared-memory payment ledger `name` (e.g. '/rinha-api1-ledger').\n\n"
 "create=True makes a new segment of `seconds` per ring (a power of two, at\n"
-"least 1024; the default is about 36.4 h) and raises FileExistsError if the\n"
-"name exists.  create=False opens an existing one, takes N from its header\n"
-"and ignores `seconds`; a missing name raises FileNotFoundError and a\n"
+"least 1024; the default is about 36.4 h) and `regions` (2..256: this\n"
+"instance's own and a mirror of each other one), and raises FileExistsError\n"
+"if the name exists.  create=False opens an existing one, takes N and R from\n"
+"its header and ignores both; a missing name raises FileNotFoundError and a\n"
 "segment that is not a ledger of this layout raises ValueError.\n\n"
 "Each region is a ring of N seconds: a second is overwritten when its slot\n"
 "is reused N seconds later.");
@@ -1009,6 +1289,10 @@ ledger_exec(PyObject *module)
         || PyModule_AddIntConstant(module, "DEFAULT_SECONDS", DEFAULT_SECONDS) < 0
         || PyModule_AddIntConstant(module, "MIN_SECONDS", MIN_SECONDS) < 0
         || PyModule_AddIntConstant(module, "MAX_SECONDS", MAX_SECONDS) < 0
+        || PyModule_AddIntConstant(module, "DEFAULT_REGIONS", DEFAULT_REGIONS) < 0
+        || PyModule_AddIntConstant(module, "MIN_REGIONS", MIN_REGIONS) < 0
+        || PyModule_AddIntConstant(module, "MAX_REGIONS", MAX_REGIONS) < 0
+        || PyModule_AddIntConstant(module, "LABEL_BYTES", LABEL_BYTES) < 0
         || PyModule_AddIntConstant(module, "LAYOUT_VERSION", LEDGER_VERSION) < 0) {
         return -1;
     }

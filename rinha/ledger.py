@@ -1,10 +1,12 @@
-"""The ledger: what this instance and its peer recorded, per second and per processor.
+"""The ledger: what each instance of the deployment recorded, per second and per processor.
 
 The typed face of `native_ledger` (a shared-memory segment written with atomics, see
 native_ledger/_ledger.c). Created by the supervisor, opened by every child after fork.
-Writers: the dispatcher adds this instance's payments to the OWN region and stores the peer's
-absolute slot values in the PEER region; a worker purges. Readers: the workers' summaries,
-which add both regions, and the dispatcher's peer sync, which reads the OWN region.
+One region per instance of the deployment, each with a single writer: the dispatcher adds this
+instance's payments to region OWN; the sync (peers.py over UDP, redis_sync.py over Redis)
+stores every other instance's absolute cell values in that instance's region, labelled with its
+INSTANCE_NAME and given out the first time the sync hears of it; a worker purges. Readers: the
+workers' summaries, which add every region in use, and the sync, which reads them all.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ class Ledger:
         self._native = native
 
     @classmethod
-    def create(cls, name: str, seconds: int) -> Ledger:
-        return cls(native_ledger.Ledger(name, create=True, seconds=seconds))
+    def create(cls, name: str, seconds: int, regions: int = native_ledger.DEFAULT_REGIONS
+               ) -> Ledger:
+        return cls(native_ledger.Ledger(name, create=True, seconds=seconds, regions=regions))
 
     @classmethod
     def open(cls, name: str) -> Ledger:
@@ -40,6 +43,11 @@ class Ledger:
     def seconds(self) -> int:
         return self._native.seconds
 
+    @property
+    def regions(self) -> int:
+        """The most regions the segment holds: OWN and one per other instance."""
+        return self._native.regions
+
     def record(self, second: int, processor: int, cents: int) -> int:
         """Count one payment of ours; returns the cell's packed word from before the add."""
         return self._native.add(OWN, second, processor, cents)
@@ -51,7 +59,7 @@ class Ledger:
         return self._native.get(OWN, second, processor)
 
     def store(self, region: int, second: int, processor: int, count: int, cents: int) -> None:
-        """Set a cell to absolute values (peer sync and recovery)."""
+        """Set a cell to absolute values (sync and recovery)."""
         self._native.store(region, second, processor, count, cents)
 
     def cell(self, region: int, second: int, processor: int) -> tuple[int, int]:
@@ -61,13 +69,27 @@ class Ledger:
         return self._native.seconds_written(region)
 
     def summary(self, first: int | None, last: int | None) -> tuple[int, int, int, int]:
-        """(default count, default cents, fallback count, fallback cents), both regions."""
+        """(default count, default cents, fallback count, fallback cents), every region."""
         return self._native.summary(first, last)
 
     def region_summary(
         self, region: int, first: int | None, last: int | None
     ) -> tuple[int, int, int, int]:
         return self._native.region_summary(region, first, last)
+
+    def region_of(self, instance: str) -> int | None:
+        """The region mirroring `instance`, None if the sync never heard of it."""
+        return self._native.region_of(instance)
+
+    def assign_region(self, instance: str) -> int:
+        """The region mirroring `instance`, given out now if it has none (LookupError when
+        every region is taken). Only the sync calls it: the supervisor's recovery before it
+        forks, then the dispatcher."""
+        return self._native.assign_region(instance)
+
+    def mirrors(self) -> dict[str, int]:
+        """Every other instance this one mirrors, by name, with its region."""
+        return {label: region for region, label in enumerate(self._native.labels()) if region}
 
     def purge(self, region: int | None = None) -> None:
         self._native.purge(region)

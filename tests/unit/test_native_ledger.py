@@ -1,4 +1,7 @@
-"""native_ledger: the shared-memory payment ledger, from one process and from several forked."""
+"""native_ledger: the shared-memory payment ledger, from one process and from several forked.
+
+The `ledger` fixture has two regions in use, OWN and PEER (a peer named "peer"), as a pair's
+ledger has once it has heard of its peer; the region tests make more."""
 
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import pytest
 from native_ledger import (
     CENTS_BITS,
     DEFAULT,
+    DEFAULT_REGIONS,
     FALLBACK,
+    LABEL_BYTES,
     MAX_CENTS,
     MAX_COUNT,
     OWN,
@@ -26,6 +31,13 @@ from native_ledger import (
 )
 
 SMALL = 1024
+REGIONS = 4
+CELL_BYTES = 16
+
+
+def segment_bytes(seconds: int, regions: int) -> int:
+    """Header, one 64-byte directory entry per region, then the cells of every region."""
+    return 64 + 64 * regions + regions * seconds * 2 * CELL_BYTES
 T0 = 1_752_000_000  # a Unix second in July 2025, when the contest ran
 AMOUNT = 1990  # cents, the contest's usual R$ 19.90
 
@@ -44,7 +56,8 @@ def name() -> Iterator[str]:
 
 @pytest.fixture
 def ledger(name: str) -> Iterator[Ledger]:
-    with Ledger(name, create=True, seconds=SMALL) as opened:
+    with Ledger(name, create=True, seconds=SMALL, regions=REGIONS) as opened:
+        assert opened.assign_region("peer") == PEER
         yield opened
 
 
@@ -86,10 +99,32 @@ def test_create_then_open_by_name_shares_the_cells(name: str) -> None:
         assert writer.get(OWN, T0, DEFAULT) == (2, AMOUNT + 10)
 
 
-def test_default_ring_is_2_to_the_17_seconds(name: str) -> None:
+def test_default_ring_is_2_to_the_17_seconds_in_16_regions(name: str) -> None:
     with Ledger(name, create=True) as created:
-        assert created.seconds == 131072
-        assert shm_path(name).stat().st_size == 64 + 2 * 131072 * 2 * 16
+        assert (created.seconds, created.regions, DEFAULT_REGIONS) == (131072, 16, 16)
+        assert created.regions_in_use == 1
+        assert shm_path(name).stat().st_size == segment_bytes(131072, 16)
+
+
+def reserved_bytes(name: str) -> int:
+    return shm_path(name).stat().st_blocks * 512
+
+
+def test_only_the_regions_in_use_are_reserved(name: str) -> None:
+    """16 regions of 4 MiB are 64 MiB of address space; a pair reserves 8 MiB of it, and
+    neither writing nor purging touches the pages of a region not in use."""
+    region = 131072 * 2 * CELL_BYTES
+    with Ledger(name, create=True) as created:
+        if reserved_bytes(name) == 0:
+            pytest.skip("this file system does not report allocated blocks")
+        assert region <= reserved_bytes(name) < 2 * region
+        created.assign_region("api2")
+        assert 2 * region <= reserved_bytes(name) < 3 * region
+        for second in range(T0, T0 + 600):
+            created.add(OWN, second, DEFAULT, 1)
+            created.store(PEER, second, FALLBACK, 1, 1)
+        created.purge()
+        assert 2 * region <= reserved_bytes(name) < 3 * region
 
 
 def test_create_refuses_an_existing_name(ledger: Ledger) -> None:
@@ -155,14 +190,14 @@ def test_open_refuses_a_segment_too_small_for_a_header(name: str) -> None:
 
 
 def test_open_refuses_garbage_of_a_ledger_size(name: str) -> None:
-    shm_path(name).write_bytes(b"\xab" * (64 + 2 * SMALL * 2 * 16))
+    shm_path(name).write_bytes(b"\xab" * segment_bytes(SMALL, 2))
     with pytest.raises(ValueError, match="not a rinha ledger"):
         Ledger(name, create=False)
 
 
 def test_open_refuses_a_ledger_of_the_wrong_size(name: str) -> None:
-    Ledger(name, create=True, seconds=SMALL).close()
-    os.truncate(shm_path(name), 64 + 2 * SMALL * 2 * 16 + 4096)
+    Ledger(name, create=True, seconds=SMALL, regions=2).close()
+    os.truncate(shm_path(name), segment_bytes(SMALL, 2) + 4096)
     with pytest.raises(ValueError, match="bytes"):
         Ledger(name, create=False)
 
@@ -174,6 +209,89 @@ def test_open_refuses_another_layout_version(name: str) -> None:
         segment.write((99).to_bytes(4, "little"))
     with pytest.raises(ValueError, match="version 99"):
         Ledger(name, create=False)
+
+
+@pytest.mark.parametrize("regions", [0, 1, 257, -2])
+def test_create_refuses_regions_outside_2_to_256(name: str, regions: int) -> None:
+    with pytest.raises(ValueError, match="regions"):
+        Ledger(name, create=True, seconds=SMALL, regions=regions)
+    assert not shm_path(name).exists()
+
+
+# --- regions: one per instance of the deployment --------------------------------------
+
+
+def test_a_new_ledger_has_only_its_own_region_in_use(name: str) -> None:
+    with Ledger(name, create=True, seconds=SMALL, regions=REGIONS) as created:
+        assert (created.regions, created.regions_in_use, created.labels()) == (REGIONS, 1, [""])
+        with pytest.raises(ValueError, match="region"):
+            created.get(PEER, T0, DEFAULT)  # not in use until assigned
+        assert created.region_of("api2") is None
+
+
+def test_regions_are_given_out_in_order_once_per_label(ledger: Ledger) -> None:
+    assert ledger.assign_region("api3") == 2
+    assert ledger.assign_region("peer") == PEER  # already has one
+    assert ledger.assign_region("api4") == 3
+    assert ledger.labels() == ["", "peer", "api3", "api4"]
+    assert [ledger.region_of(n) for n in ("peer", "api3", "api4", "api5")] == [1, 2, 3, None]
+    assert ledger.regions_in_use == REGIONS
+    with pytest.raises(LookupError, match="LEDGER_REGIONS"):
+        ledger.assign_region("api5")
+    assert ledger.labels() == ["", "peer", "api3", "api4"]
+
+
+def test_another_process_sees_the_regions_and_labels(ledger: Ledger) -> None:
+    ledger.assign_region("api3")
+    ledger.store(2, T0, FALLBACK, 2, 40)
+    with Ledger(ledger.name, create=False) as reopened:
+        assert (reopened.regions, reopened.regions_in_use) == (REGIONS, 3)
+        assert reopened.labels() == ["", "peer", "api3"]
+        assert reopened.get(2, T0, FALLBACK) == (2, 40)
+
+
+@pytest.mark.parametrize("label", ["", "x" * LABEL_BYTES, "nul\0byte"])
+def test_labels_must_be_1_to_47_bytes_without_nul(ledger: Ledger, label: str) -> None:
+    with pytest.raises(ValueError, match="label"):
+        ledger.assign_region(label)
+    with pytest.raises(ValueError, match="label"):
+        ledger.region_of(label)
+    assert ledger.regions_in_use == 2
+
+
+def test_summary_adds_every_region_in_use(ledger: Ledger) -> None:
+    third, fourth = ledger.assign_region("api3"), ledger.assign_region("api4")
+    ledger.add(OWN, T0, DEFAULT, 1)
+    ledger.store(PEER, T0, DEFAULT, 2, 20)
+    ledger.store(third, T0 + 1, FALLBACK, 3, 300)
+    ledger.store(fourth, T0 + 2, DEFAULT, 4, 4000)
+    assert ledger.summary(None, None) == (7, 4021, 3, 300)
+    assert ledger.summary(T0 + 1, T0 + 1) == (0, 0, 3, 300)
+    assert ledger.region_summary(fourth, None, None) == (4, 4000, 0, 0)
+
+
+def test_purge_keeps_the_labels_and_empties_every_region(ledger: Ledger) -> None:
+    third = ledger.assign_region("api3")
+    ledger.add(OWN, T0, DEFAULT, 1)
+    ledger.store(third, T0, DEFAULT, 5, 5)
+    ledger.purge()
+    assert ledger.summary(None, None) == (0, 0, 0, 0)
+    assert ledger.labels() == ["", "peer", "api3"]
+    assert ledger.seconds_written(third) is None
+    ledger.store(third, T0, DEFAULT, 1, 1)  # the same region, written again
+    assert ledger.summary(None, None) == (1, 1, 0, 0)
+
+
+def test_purge_empties_a_full_ring_and_a_span_wider_than_it(ledger: Ledger) -> None:
+    for second in range(T0, T0 + 2 * SMALL + 3):
+        ledger.add(OWN, second, DEFAULT, 1)
+    ledger.add(OWN, T0 + 50 * SMALL, DEFAULT, 1)
+    ledger.purge(OWN)
+    assert ledger.summary(None, None) == (0, 0, 0, 0)
+    for second in range(T0 + 50 * SMALL - SMALL + 1, T0 + 50 * SMALL + 1):
+        assert ledger.word(OWN, second, DEFAULT) == 0
+    # no slot kept its old second's total for a later write of that second
+    assert ledger.add(OWN, T0 + 2 * SMALL + 2, DEFAULT, 7) == 0
 
 
 # --- cells ---------------------------------------------------------------------------
@@ -263,7 +381,7 @@ def test_summary_of_a_reversed_window_is_zero(ledger: Ledger) -> None:
     assert ledger.summary(T0 + 5, T0 + 4) == (0, 0, 0, 0)
 
 
-def test_summary_adds_both_regions_and_region_summary_splits_them(ledger: Ledger) -> None:
+def test_summary_adds_own_and_peer_and_region_summary_splits_them(ledger: Ledger) -> None:
     ledger.add(OWN, T0, DEFAULT, 100)
     ledger.add(OWN, T0, FALLBACK, 10)
     ledger.add(PEER, T0, DEFAULT, 200)
@@ -327,8 +445,8 @@ def test_purge_of_both_regions_empties_the_ledger(ledger: Ledger) -> None:
 # --- validation ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("region", [-1, 2, 2**70])
-def test_region_must_be_own_or_peer(ledger: Ledger, region: int) -> None:
+@pytest.mark.parametrize("region", [-1, 2, REGIONS, 2**70])
+def test_region_must_be_one_in_use(ledger: Ledger, region: int) -> None:
     for call in (
         lambda: ledger.add(region, T0, DEFAULT, 1),
         lambda: ledger.get(region, T0, DEFAULT),
