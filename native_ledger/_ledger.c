@@ -17,7 +17,8 @@
  *   header, 64 bytes:
  *     uint32 magic, version, seconds (N, a power of two), regions (R, the
  *       most instances one deployment may have)
- *     uint32 in_use (regions labelled so far, 1..R), reserved
+ *     uint32 in_use (regions labelled so far, 1..R), sync_epoch (the Redis
+ *       carrier's purge generation these cells belong to; 0: none yet)
  *   directory, R entries of 64 bytes:
  *     int64 min_second, max_second (the span of seconds ever written to the
  *       region since creation or purge; INT64_MAX, INT64_MIN when empty)
@@ -104,7 +105,7 @@ struct header {
     uint32_t seconds;
     uint32_t regions;
     uint32_t in_use;
-    uint32_t reserved;
+    uint32_t sync_epoch;
     unsigned char padding[40];
 };
 
@@ -486,7 +487,7 @@ ledger_create(LedgerObject *self, const char *cname, uint32_t seconds, uint32_t 
     self->hdr->seconds = seconds;
     self->hdr->regions = regions;
     self->hdr->in_use = 1;
-    self->hdr->reserved = 0;
+    self->hdr->sync_epoch = 0;
     /* The cells are zeros, which read as empty; only the spans need a value. */
     for (uint32_t r = 0; r < regions; r++) {
         span_reset(&self->dir[r].span);
@@ -1100,6 +1101,31 @@ Ledger_get_regions_in_use(LedgerObject *self, void *Py_UNUSED(closure))
 }
 
 static PyObject *
+Ledger_get_sync_epoch(LedgerObject *self, void *Py_UNUSED(closure))
+{
+    if (check_open(self) < 0) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(__atomic_load_n(&self->hdr->sync_epoch, __ATOMIC_ACQUIRE));
+}
+
+static int
+Ledger_set_sync_epoch(LedgerObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    int64_t epoch;
+
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "sync_epoch cannot be deleted");
+        return -1;
+    }
+    if (check_open(self) < 0 || as_bounded(value, "sync_epoch", UINT32_MAX, &epoch) < 0) {
+        return -1;
+    }
+    __atomic_store_n(&self->hdr->sync_epoch, (uint32_t)epoch, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static PyObject *
 Ledger_get_closed(LedgerObject *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(self->hdr == NULL);
@@ -1141,6 +1167,8 @@ static PyGetSetDef Ledger_getset[] = {
         "R, the most regions (instances of the deployment) it can hold.", NULL},
     {"regions_in_use", (getter)Ledger_get_regions_in_use, NULL,
         "Regions labelled so far, region 0 included.", NULL},
+    {"sync_epoch", (getter)Ledger_get_sync_epoch, (setter)Ledger_set_sync_epoch,
+        "The Redis carrier's purge generation the cells belong to (0: none yet).", NULL},
     {"closed", (getter)Ledger_get_closed, NULL, "True after close().", NULL},
     {NULL, NULL, NULL, NULL, NULL}  /* sentinel */
 };

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import socket
 import sys
@@ -20,7 +21,7 @@ from rinha import logs
 from rinha import settings as settings_module
 from rinha.guards import InstanceLock, ensure_port_free
 from rinha.metrics import DispatcherCounters, SupervisorCounters
-from rinha.peers import bind_sync_socket, recover_from_peer
+from rinha.peers import bind_sync_socket
 from rinha.resources import Resources, StartupError
 from rinha.settings import Settings, SettingsError
 from rinha.supervisor import BootError, ChildSpec, Supervisor
@@ -67,6 +68,10 @@ def serve(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"rinha serve: {exc}", file=sys.stderr)
         return 2
+    if settings.sync_url is not None and importlib.util.find_spec("redis") is None:
+        print("rinha serve: SYNC_URL needs redis-py: install rinha with the redis extra "
+              "(pip install 'rinha[redis]')", file=sys.stderr)
+        return 2
     _configure_logging(settings)
     log = logging.getLogger("rinha")
     lock = InstanceLock(settings.lock_path)
@@ -74,7 +79,7 @@ def serve(argv: list[str]) -> int:
         lock.acquire()
         ensure_port_free(settings.host, settings.port)
         sync_socket = None
-        if settings.peer_addr is not None:
+        if settings.sync_peers:
             ensure_port_free(settings.sync_host, settings.sync_port, socket.SOCK_DGRAM)
             sync_socket = bind_sync_socket(settings)
         resources = Resources.open_or_create(settings)
@@ -82,14 +87,13 @@ def serve(argv: list[str]) -> int:
         log.error("%s", exc)
         lock.release()
         return 1
+    # Before any worker answers a summary: get back what this instance had recorded (the others
+    # kept a mirror of it) and what the others hold, in case this is a restart with fresh
+    # shared memory.
     if sync_socket is not None:
-        # Before any worker answers a summary: get back what this instance had recorded
-        # (its peer kept a mirror), in case this is a restart with fresh shared memory.
-        if recover_from_peer(settings, resources.ledger, sync_socket):
-            log.info("recovered the ledger from peer %s:%d", *settings.peer_addr)
-        else:
-            log.info("peer %s:%d did not answer; starting with the local ledger",
-                     *settings.peer_addr)
+        _recover_from_peers(settings, resources, sync_socket)
+    elif settings.sync_url is not None:
+        _recover_from_redis(settings, resources)
     children = [
         ChildSpec(f"worker{i}", lambda slot=i: run_worker(settings, resources, slot), slot=i)
         for i in range(settings.workers)
@@ -112,6 +116,31 @@ def serve(argv: list[str]) -> int:
         resources.close(settings, remove=drained)
         lock.release()
     return code
+
+
+def _recover_from_peers(settings: Settings, resources: Resources,
+                        sync_socket: socket.socket) -> None:
+    from rinha.peer_recovery import recover_from_peers
+
+    log = logging.getLogger("rinha")
+    answered = recover_from_peers(settings, resources.ledger, sync_socket)
+    peers = len(settings.sync_peers)
+    if answered:
+        log.info("recovered the ledger from %d of %d peers", answered, peers)
+    else:
+        log.info("no peer answered (%d configured); starting with the local ledger", peers)
+
+
+def _recover_from_redis(settings: Settings, resources: Resources) -> None:
+    from rinha.redis_store import recover_from_redis
+
+    log = logging.getLogger("rinha")
+    mirrored = recover_from_redis(settings, resources.ledger)
+    if mirrored is None:
+        log.warning("Redis at %s did not answer; starting with the local ledger (the "
+                    "dispatcher recovers from Redis once it answers)", settings.sync_url)
+    else:
+        log.info("recovered the ledger from Redis: own cells and %d other instances", mirrored)
 
 
 def run_worker(settings: Settings, resources: Resources, slot: int) -> None:

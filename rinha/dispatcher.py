@@ -32,6 +32,7 @@ from rinha.heartbeat import BEAT_INTERVAL_S
 from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
 from rinha.ledger import PROCESSOR_NAMES, Ledger
 from rinha.metrics import DispatcherCounters
+from rinha.mirror import Carrier
 from rinha.outcomes import CONFIRM, DUPLICATE, RECORD, UNKNOWN, classify, judge_stored
 from rinha.peers import PeerSync
 from rinha.recorder import Recorder
@@ -60,10 +61,15 @@ class Dispatcher:
         self._table = table
         self._heartbeat = heartbeat
         self._counters = counters
-        self._peer = None
+        self._peer: Carrier | None = None
         if sync_socket is not None:
             self._peer = PeerSync(settings, ledger, sync_socket, on_health=self._on_health,
                                   counters=counters)
+        elif settings.sync_url is not None:
+            from rinha.redis_sync import RedisSync  # the rinha[redis] extra: only if used
+
+            self._peer = RedisSync(settings, ledger, on_health=self._on_health,
+                                   counters=counters)
         self._router = Router(settings, time.monotonic())
         self._recorder = Recorder(table, ledger, self._peer, counters)
         self._sender = Sender(settings, counters)
@@ -188,8 +194,8 @@ class Dispatcher:
 
     def _on_control(self, record: bytes) -> None:
         if wire.decode_control(record) == wire.CONTROL_PURGED:
-            # The worker that took POST /purge-payments purged the ledger itself; the peer must
-            # be told, as a purge through nginx reaches one instance only.
+            # The worker that took POST /purge-payments purged the ledger itself; the other
+            # instances must be told, as a purge through nginx reaches one instance only.
             if self._peer is not None:
                 self._peer.purged()
         else:
@@ -313,7 +319,7 @@ class Dispatcher:
             self._peer.share_health(report)
 
     def _on_health(self, report: HealthReport) -> None:
-        """A service-health report, polled here or shared by the peer that polls."""
+        """A service-health report, polled here or shared by the instance that polls."""
         self._router.on_health(report, time.monotonic())
         if self._counters is not None:
             self._counters.health(report.processor, report.failing, report.min_response_ms)

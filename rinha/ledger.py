@@ -48,6 +48,16 @@ class Ledger:
         """The most regions the segment holds: OWN and one per other instance."""
         return self._native.regions
 
+    @property
+    def sync_epoch(self) -> int:
+        """The Redis carrier's purge generation these cells belong to (0: never synced through
+        Redis), kept here so a restart on the same host knows whether a purge passed it by."""
+        return self._native.sync_epoch
+
+    @sync_epoch.setter
+    def sync_epoch(self, value: int) -> None:
+        self._native.sync_epoch = value
+
     def record(self, second: int, processor: int, cents: int) -> int:
         """Count one payment of ours; returns the cell's packed word from before the add."""
         return self._native.add(OWN, second, processor, cents)

@@ -73,6 +73,11 @@ HEALTH = _dispatcher.take(2 * 3)  # [processor]: polled_at_ms, failing, min_resp
 CIRCUITS = _dispatcher.take(2 * 3)  # [processor]: state, since_ms, consecutive failures
 SYNC = _dispatcher.take(5)  # sent, received, dropped_foreign, dropped_malformed, heard_at_ms
 SYNC_SENT, SYNC_RECEIVED, SYNC_FOREIGN, SYNC_MALFORMED, SYNC_HEARD_AT = range(SYNC, SYNC + 5)
+# Per other instance, by its ledger region (rinha/ledger.py; region 0 is this one's own):
+# messages received from it and when it was last heard of (unix ms). Regions past PEER_SLOTS
+# are counted in the totals above only.
+PEER_SLOTS = 64
+SYNC_PEERS = _dispatcher.take(2 * PEER_SLOTS)
 
 _supervisor = _Layout()
 STARTED_AT = _supervisor.take(1)  # unix ms
@@ -187,8 +192,13 @@ class DispatcherCounters:
     def sync(self, index: int, value: int = 1) -> None:
         self.words[index] += value
 
-    def heard_peer(self) -> None:
-        self.words[SYNC_HEARD_AT] = now_ms()
+    def heard_peer(self, region: int | None = None) -> None:
+        """A message from another instance (the one whose ledger region is `region`)."""
+        now = now_ms()
+        self.words[SYNC_HEARD_AT] = now
+        if region is not None and 0 < region < PEER_SLOTS:
+            self.words[SYNC_PEERS + 2 * region] += 1
+            self.words[SYNC_PEERS + 2 * region + 1] = now
 
 
 class SupervisorCounters:

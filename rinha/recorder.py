@@ -3,7 +3,8 @@
 Runs in the dispatcher, the only writer of the ledger's OWN region. Recording is crash-safe:
 the slot goes to RECORDING with the cell's word from before the add, then the add, then the slot
 is freed; a restarted dispatcher finishes a RECORDING slot by comparing the cell with that word
-(holding.py). The cells recorded in one loop turn go to the peer in one push (peers.py).
+(holding.py). The cells recorded in one loop turn go to the other instances in one push
+(peers.py over UDP, redis_sync.py over Redis).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import asyncio
 from rinha.holding import RECORDING, HeldPayment, HoldingTable
 from rinha.ledger import Ledger
 from rinha.metrics import DispatcherCounters
-from rinha.peers import PeerSync
+from rinha.mirror import Carrier
 
 
 class Recorder:
-    def __init__(self, table: HoldingTable, ledger: Ledger, peer: PeerSync | None,
+    def __init__(self, table: HoldingTable, ledger: Ledger, peer: Carrier | None,
                  counters: DispatcherCounters | None = None) -> None:
         self._counters = counters
         self._table = table
@@ -54,7 +55,7 @@ class Recorder:
         self._table.release(payment)
 
     def _mark_dirty(self, second: int, processor: int) -> None:
-        """Coalesce the cells recorded in this loop turn into one push to the peer."""
+        """Coalesce the cells recorded in this loop turn into one push to the others."""
         if self._peer is None:
             return
         if not self._dirty and self._loop is not None:

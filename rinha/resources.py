@@ -123,7 +123,8 @@ def _read_msg_max() -> str:
 
 def _open_ledger(settings: Settings) -> Ledger:
     try:
-        return Ledger.create(settings.ledger_name, settings.ledger_seconds)
+        return Ledger.create(settings.ledger_name, settings.ledger_seconds,
+                             settings.ledger_regions)
     except FileExistsError:
         log.warning("reopening the ledger %s of a previous run", settings.ledger_name)
         return Ledger.open(settings.ledger_name)

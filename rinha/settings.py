@@ -35,6 +35,7 @@ class Settings:
     queue_max_messages: int
     hold_capacity: int
     ledger_seconds: int
+    ledger_regions: int
     dispatch_concurrency: int
     dispatch_batch_s: float
     dispatcher_idle_priority: bool | None  # None: auto (idle when under a CPU quota)
@@ -46,6 +47,8 @@ class Settings:
     health_poll: bool
     health_interval_s: float
     peer_addr: tuple[str, int] | None
+    peers: tuple[tuple[str, int], ...]
+    sync_url: str | None
     sync_host: str
     sync_port: int
     sync_resend_s: float
@@ -83,6 +86,13 @@ class Settings:
         return f"/dev/shm/rinha-{self.instance_name}.lock"
 
     @property
+    def sync_peers(self) -> tuple[tuple[str, int], ...]:
+        """Every other instance to sync with over UDP: PEERS, or the pair's PEER_ADDR."""
+        if self.peers:
+            return self.peers
+        return (self.peer_addr,) if self.peer_addr is not None else ()
+
+    @property
     def processor_urls(self) -> tuple[str, str]:
         """Indexed by processor number: 0 is the default, 1 the fallback."""
         return (self.processor_default_url, self.processor_fallback_url)
@@ -118,6 +128,9 @@ def _variables() -> tuple[Variable, ...]:
           "holding-table slots (64 B each): payments accepted and not yet recorded"),
         v("LEDGER_SECONDS", "ledger_seconds", "131072", _power_of_two_at_least(1024),
           "seconds the ledger ring keeps (a power of two)"),
+        v("LEDGER_REGIONS", "ledger_regions", "16", _int_between(2, 256),
+          "most instances of the deployment (this one and those it mirrors): one ledger region "
+          "each, LEDGER_SECONDS x 32 bytes, reserved only once used"),
         v("DISPATCH_CONCURRENCY", "dispatch_concurrency", "64", _int_between(1, 1024),
           "requests in flight to the processors"),
         v("DISPATCH_BATCH_S", "dispatch_batch_s", "0.01", _float_between(0, 1),
@@ -139,7 +152,12 @@ def _variables() -> tuple[Variable, ...]:
         v("HEALTH_INTERVAL_S", "health_interval_s", "5", _float_between(5, 3600),
           "health poll period (the processors allow one call per 5 s)"),
         v("PEER_ADDR", "peer_addr", "", _optional_host_port,
-          "the peer's host:port for UDP sync (empty: alone)"),
+          "the peer's host:port for UDP sync (empty: alone); the pair's spelling of PEERS"),
+        v("PEERS", "peers", "", _host_ports,
+          "every other instance's host:port for UDP sync, comma-separated (N instances)"),
+        v("SYNC_URL", "sync_url", "", _optional_redis_url,
+          "redis://host:port/db: sync through Redis instead of UDP (instances on several "
+          "hosts; needs the rinha[redis] extra)"),
         v("SYNC_HOST", "sync_host", "0.0.0.0", str, "where sync datagrams are received"),
         v("SYNC_PORT", "sync_port", "9000", _port, "the sync UDP port"),
         v("SYNC_RESEND_S", "sync_resend_s", "1", _float_between(0.05, 3600),
@@ -171,6 +189,14 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(**{v.field: read(v.name, v.default, v.parse) for v in VARIABLES})
     if settings.retry_backoff_min_s > settings.retry_backoff_max_s:
         raise SettingsError("RETRY_BACKOFF_MIN_S must not exceed RETRY_BACKOFF_MAX_S")
+    if settings.peer_addr is not None and settings.peers:
+        raise SettingsError("PEER_ADDR and PEERS are both set: list every peer in PEERS")
+    if settings.sync_url is not None and settings.sync_peers:
+        raise SettingsError("SYNC_URL and PEERS (or PEER_ADDR) are both set: one carrier syncs "
+                            "an instance, Redis or UDP")
+    if len(settings.sync_peers) + 1 > settings.ledger_regions:
+        raise SettingsError(f"PEERS lists {len(settings.sync_peers)} instances: with this one "
+                            f"that needs LEDGER_REGIONS={len(settings.sync_peers) + 1} at least")
     return settings
 
 
@@ -313,6 +339,32 @@ def _optional_host_port(raw: str) -> tuple[str, int] | None:
     if not sep or not host:
         raise ValueError("must be host:port, e.g. api2:9000")
     return host, _port(port)
+
+
+def _host_ports(raw: str) -> tuple[tuple[str, int], ...]:
+    if not raw:
+        return ()
+    addresses = []
+    for item in raw.split(","):
+        address = _optional_host_port(item.strip())
+        if address is None:
+            raise ValueError("must be host:port,host:port,..., e.g. api2:9000,api3:9000")
+        if address in addresses:
+            raise ValueError(f"lists {address[0]}:{address[1]} twice")
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def _optional_redis_url(raw: str) -> str | None:
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("must be a redis:// URL with a host, e.g. redis://10.0.0.5:6379/0")
+    parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    if parts.path not in ("", "/") and not parts.path.lstrip("/").isdigit():
+        raise ValueError("the path is the database number, e.g. redis://host:6379/0")
+    return raw
 
 
 VARIABLES = _variables()

@@ -51,11 +51,12 @@ ROWS: list[Row] = [
     ("held / in flight", lambda d: f"{d['payments']['held']} / {d['payments']['inFlight']}"),
     ("pinned / waiting", lambda d: f"{d['payments']['pinned']} / {d['payments']['waiting']}"),
     ("recorded own (def + fb)", _recorded("own")),
-    ("recorded peer (def + fb)", _recorded("peer")),
-    ("peer", lambda d: d["peer"]["address"] if d["peer"] else "none"),
-    ("peer last heard", lambda d: d["peer"]["lastHeard"] if d["peer"] else "-"),
-    ("datagrams sent / received", lambda d: f"{d['peer']['datagramsSent']} / "
-     f"{d['peer']['datagramsReceived']}" if d["peer"] else "-"),
+    ("recorded by the others (def + fb)", _recorded("mirrored")),
+    ("sync", lambda d: f"{d['sync']['carrier']}: {len(d['sync']['peers'])} others heard of"
+     if d["sync"] else "none"),
+    ("sync last heard", lambda d: d["sync"]["lastHeard"] if d["sync"] else "-"),
+    ("sync messages sent / received", lambda d: f"{d['sync']['messagesSent']} / "
+     f"{d['sync']['messagesReceived']}" if d["sync"] else "-"),
     ("restarts", lambda d: ", ".join(f"{c['role']} {c['restarts']}" for c in d["children"])),
     ("accepted", lambda d: d["conservation"]["accepted"]),
     ("conservation difference", lambda d: d["conservation"]["difference"]),

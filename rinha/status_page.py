@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
 from rinha import metrics as m
-from rinha.ledger import OWN, PEER, PROCESSOR_NAMES
+from rinha.ledger import OWN, PROCESSOR_NAMES
 from rinha.resources import Resources
 from rinha.settings import Settings
 from rinha.wire import format_cents
@@ -69,7 +70,7 @@ class StatusPage:
         in_queue = self._resources.queue.current_messages
         in_flight, waiting, pinned, parked = words[dispatcher + m.GAUGES:dispatcher + m.GAUGES + 4]
         started_ms = words[supervisor + m.STARTED_AT]
-        peer = self._settings.peer_addr
+        mirrors = self._resources.ledger.mirrors()
         return {
             "instance": self._settings.instance_name,
             "startedAt": _iso(started_ms),
@@ -80,15 +81,9 @@ class StatusPage:
             "payments": {"held": held, "inFlight": in_flight, "waiting": waiting,
                          "pinned": pinned, "parkedBehindSameId": parked,
                          "tableCapacity": self._resources.table.capacity},
-            "recorded": {"own": self._totals(OWN), "peer": self._totals(PEER)},
-            "peer": None if peer is None else {
-                "address": f"{peer[0]}:{peer[1]}",
-                "lastHeard": _iso(words[dispatcher + m.SYNC_HEARD_AT]),
-                "datagramsSent": words[dispatcher + m.SYNC_SENT],
-                "datagramsReceived": words[dispatcher + m.SYNC_RECEIVED],
-                "droppedNotFromPeer": words[dispatcher + m.SYNC_FOREIGN],
-                "droppedMalformed": words[dispatcher + m.SYNC_MALFORMED],
-            },
+            "recorded": {"own": self._totals(OWN),
+                         "mirrored": self._totals(*mirrors.values())},
+            "sync": self._sync(dispatcher, mirrors),
             "children": [
                 {"role": role, "pid": words[supervisor + m.CHILD_PIDS + slot] or None,
                  "restarts": words[supervisor + m.CHILD_RESTARTS + slot]}
@@ -119,9 +114,41 @@ class StatusPage:
                         "consecutiveFailures": failures},
         }
 
-    def _totals(self, region: int) -> dict[str, dict[str, Any]]:
-        d_count, d_cents, f_count, f_cents = self._resources.ledger.region_summary(
-            region, None, None)
+    def _sync(self, dispatcher: int, mirrors: dict[str, int]) -> dict[str, Any] | None:
+        """How this instance hears of the others: the carrier, its counters, and one entry per
+        instance it mirrors (every one it has heard of since its ledger was made)."""
+        settings, words = self._settings, self._metrics.words
+        if settings.sync_url is not None:
+            carrier, to = "redis", _without_password(settings.sync_url)
+        elif settings.sync_peers:
+            carrier, to = "udp", [f"{host}:{port}" for host, port in settings.sync_peers]
+        else:
+            return None
+        peers = []
+        for name, region in sorted(mirrors.items()):
+            heard = received = 0
+            if region < m.PEER_SLOTS:
+                base = dispatcher + m.SYNC_PEERS + 2 * region
+                received, heard = words[base], words[base + 1]
+            peers.append({"instance": name, "lastHeard": _iso(heard),
+                          "messagesReceived": received, "recorded": self._totals(region)})
+        return {
+            "carrier": carrier,
+            "to": to,
+            "lastHeard": _iso(words[dispatcher + m.SYNC_HEARD_AT]),
+            "messagesSent": words[dispatcher + m.SYNC_SENT],
+            "messagesReceived": words[dispatcher + m.SYNC_RECEIVED],
+            "droppedNotFromPeer": words[dispatcher + m.SYNC_FOREIGN],
+            "droppedMalformed": words[dispatcher + m.SYNC_MALFORMED],
+            "peers": peers,
+        }
+
+    def _totals(self, *regions: int) -> dict[str, dict[str, Any]]:
+        d_count = d_cents = f_count = f_cents = 0
+        for region in regions:
+            totals = self._resources.ledger.region_summary(region, None, None)
+            d_count, d_cents = d_count + totals[0], d_cents + totals[1]
+            f_count, f_cents = f_count + totals[2], f_cents + totals[3]
         return {"default": {"totalRequests": d_count, "totalAmount": float(format_cents(d_cents))},
                 "fallback": {"totalRequests": f_count,
                              "totalAmount": float(format_cents(f_cents))}}
@@ -252,12 +279,33 @@ class _Collector:
         family.add_metric(["not_from_peer"], words[dispatcher + m.SYNC_FOREIGN])
         family.add_metric(["malformed"], words[dispatcher + m.SYNC_MALFORMED])
         yield family
+        received = CounterMetricFamily("rinha_sync_peer_messages_received", "Sync messages "
+                                       "received from each other instance", labels=["instance"])
+        heard = GaugeMetricFamily("rinha_sync_peer_last_heard_timestamp_seconds", "When each "
+                                  "other instance was last heard of (0: never)",
+                                  labels=["instance"])
+        for name, region in sorted(page._resources.ledger.mirrors().items()):
+            if region < m.PEER_SLOTS:
+                base = dispatcher + m.SYNC_PEERS + 2 * region
+                received.add_metric([name], words[base])
+                heard.add_metric([name], words[base + 1] / 1000)
+        yield received
+        yield heard
 
         family = CounterMetricFamily("rinha_child_restarts", "Children the supervisor replaced",
                                      labels=["child"])
         for slot, role in page._children():
             family.add_metric([role], words[supervisor + m.CHILD_RESTARTS + slot])
         yield family
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + \
+        (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _iso(unix_ms: int) -> str | None:

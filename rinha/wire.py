@@ -184,24 +184,29 @@ def window_seconds(
     return first, last
 
 
-# Peer sync datagrams ------------------------------------------------------------------------
-# header: magic, version, kind, nonce; then a payload whose shape depends on the kind.
+# Sync messages (UDP datagrams between peers, and the same bytes as Redis pub/sub messages) ----
+# header: magic, version, kind, nonce, then the sender's INSTANCE_NAME (one length byte and its
+# bytes): each instance's cells live in a region of its own named after it (rinha/ledger.py).
+# Then a payload whose shape depends on the kind; cell payloads first name whose cells they
+# are (the subject: the sender itself in CELLS, anyone in a RECOVERY answer).
 # Cells carry ABSOLUTE values (second, processor, count, cents), never deltas, so a lost,
 # duplicated or reordered datagram heals with the next one (docs/architecture.md, invariant 6).
 
 DATAGRAM_MAGIC = b"RQ"
-DATAGRAM_VERSION = 1
+DATAGRAM_VERSION = 2
 DATAGRAM_HEADER = struct.Struct("<2sBBI")
 CELL = struct.Struct("<qBIQ")
-CELLS_PER_DATAGRAM = 64  # 8 + 64 * 21 = 1352 bytes: one unfragmented datagram on any MTU
+NAME_MAX = 47  # a ledger region's label (native_ledger.LABEL_BYTES - 1)
+# 8 + 2 x (1 + 47) + 64 * 21 = 1448 bytes: one unfragmented datagram on any Ethernet MTU.
+CELLS_PER_DATAGRAM = 64
 COUNT_LIMIT = 1 << 24
 CENTS_LIMIT = 1 << 40
 
-CELLS = 1  # the sender's own cells, for the receiver's PEER region
-PURGE = 2  # the sender's ledger was purged: purge both regions too
+CELLS = 1  # the sender's own cells (subject = sender), for the region the receiver keeps of it
+PURGE = 2  # the sender's ledger was purged: purge every region too
 PURGE_ACK = 3  # the receiver of PURGE (nonce) did it
-RECOVER_REQUEST = 4  # a restarted sender asks for its own cells back, and the peer's
-RECOVERY = 5  # the receiver's own cells, as the sender mirrored them
+RECOVER_REQUEST = 4  # a restarted sender asks for every cell the receiver holds
+RECOVERY = 5  # the answer: one subject's cells as the receiver holds them (its own or a mirror)
 RECOVERY_DONE = 6  # the reply to RECOVER_REQUEST (nonce) is complete: payload = datagram count
 HEALTH = 7  # a processor's service-health, from the one instance that polls it
 
@@ -216,47 +221,74 @@ class MalformedDatagram(ValueError):
     """Not one of ours: wrong magic, version, kind or length, or a value out of range."""
 
 
-def encode_datagram(kind: int, nonce: int = 0, payload: bytes = b"") -> bytes:
-    return DATAGRAM_HEADER.pack(DATAGRAM_MAGIC, DATAGRAM_VERSION, kind, nonce) + payload
+def _name(name: str) -> bytes:
+    raw = name.encode()
+    if not 1 <= len(raw) <= NAME_MAX:
+        raise ValueError(f"an instance name is 1..{NAME_MAX} bytes: {name!r}")
+    return bytes((len(raw),)) + raw
 
 
-def encode_cells(kind: int, cells: list[Cell], nonce: int = 0) -> list[bytes]:
-    """The cells in as many datagrams as they need (none for no cells)."""
+def _take_name(data: bytes, offset: int) -> tuple[str, int]:
+    if offset >= len(data):
+        raise MalformedDatagram("no name")
+    size = data[offset]
+    end = offset + 1 + size
+    if not 1 <= size <= NAME_MAX or end > len(data):
+        raise MalformedDatagram("a name of a wrong length")
+    try:
+        return data[offset + 1:end].decode(), end
+    except UnicodeDecodeError:
+        raise MalformedDatagram("a name that is not UTF-8") from None
+
+
+def encode_datagram(kind: int, origin: str, nonce: int = 0, payload: bytes = b"") -> bytes:
+    return DATAGRAM_HEADER.pack(DATAGRAM_MAGIC, DATAGRAM_VERSION, kind, nonce) + _name(origin) \
+        + payload
+
+
+def encode_cells(kind: int, origin: str, subject: str, cells: list[Cell], nonce: int = 0
+                 ) -> list[bytes]:
+    """`subject`'s cells in as many datagrams as they need (none for no cells)."""
+    head = _name(subject)
     return [
-        encode_datagram(kind, nonce, b"".join(CELL.pack(*c) for c in chunk))
+        encode_datagram(kind, origin, nonce, head + b"".join(CELL.pack(*c) for c in chunk))
         for chunk in (
             cells[i:i + CELLS_PER_DATAGRAM] for i in range(0, len(cells), CELLS_PER_DATAGRAM)
         )
     ]
 
 
-def encode_health(processor: int, failing: bool, min_response_ms: int) -> bytes:
+def encode_health(origin: str, processor: int, failing: bool, min_response_ms: int) -> bytes:
     payload = _HEALTH.pack(processor, failing, min(max(min_response_ms, 0), 2**32 - 1))
-    return encode_datagram(HEALTH, 0, payload)
+    return encode_datagram(HEALTH, origin, 0, payload)
 
 
-def encode_recovery_done(nonce: int, datagrams: int) -> bytes:
-    return encode_datagram(RECOVERY_DONE, nonce, _U32.pack(datagrams))
+def encode_recovery_done(origin: str, nonce: int, datagrams: int) -> bytes:
+    return encode_datagram(RECOVERY_DONE, origin, nonce, _U32.pack(datagrams))
 
 
-def decode_datagram(data: bytes) -> tuple[int, int, bytes]:
-    """(kind, nonce, payload), or MalformedDatagram."""
+def decode_datagram(data: bytes) -> tuple[int, int, str, bytes]:
+    """(kind, nonce, origin, payload), or MalformedDatagram."""
     if len(data) < DATAGRAM_HEADER.size:
         raise MalformedDatagram("short datagram")
     magic, version, kind, nonce = DATAGRAM_HEADER.unpack_from(data)
     if magic != DATAGRAM_MAGIC or version != DATAGRAM_VERSION or kind not in _KINDS:
         raise MalformedDatagram(f"unknown datagram {magic!r} v{version} kind {kind}")
-    return kind, nonce, data[DATAGRAM_HEADER.size:]
+    origin, end = _take_name(data, DATAGRAM_HEADER.size)
+    return kind, nonce, origin, data[end:]
 
 
-def decode_cells(payload: bytes) -> list[Cell]:
+def decode_cells(payload: bytes) -> tuple[str, list[Cell]]:
+    """(subject, cells) of a CELLS or RECOVERY payload."""
+    subject, start = _take_name(payload, 0)
+    payload = payload[start:]
     if len(payload) % CELL.size or len(payload) > CELL.size * CELLS_PER_DATAGRAM:
         raise MalformedDatagram("cells payload of a wrong length")
     cells = list(CELL.iter_unpack(payload))
     for _, processor, count, cents in cells:
         if processor > 1 or count >= COUNT_LIMIT or cents >= CENTS_LIMIT:
             raise MalformedDatagram("cell value out of range")
-    return cells
+    return subject, cells
 
 
 def decode_health(payload: bytes) -> tuple[int, bool, int]:

@@ -37,29 +37,34 @@ RUN_PATH_DIRECTIVES = (
 _UNSAFE = re.compile(r"[\s;{}#'\"\\$]")
 
 
-def render_local(text: str, *, api_addrs: tuple[str, str], listen: str, run_dir: str) -> str:
+def render_local(text: str, *, api_addrs: tuple[str, ...], listen: str, run_dir: str) -> str:
     """Return nginx.conf `text` rewritten to run as a local child process.
 
     `api_addrs` replace the upstream servers api1:8080 and api2:8080 in that order (e.g.
-    ("127.0.0.1:18081", "127.0.0.1:18082") or "unix:/path"); `listen` replaces `listen 9999`
+    ("127.0.0.1:18081", "127.0.0.1:18082") or "unix:/path"); more than two (`rinha stack
+    --instances N`) each get a server line of their own after api2's, with api2's parameters
+    (such as `fail_timeout=1s`); `listen` replaces `listen 9999`
     (e.g. "127.0.0.1:9999"); every run-time path goes under the absolute directory `run_dir`
     (error_log to run_dir/error.log); `daemon off;` keeps nginx in the foreground so the stack
     can supervise it. Raises ValueError if an anchor is missing or appears more than once, or
     if a value cannot be written into nginx.conf unquoted.
     """
-    if len(api_addrs) != 2:
-        raise ValueError(f"api_addrs must name exactly two upstreams, got {api_addrs!r}")
+    if len(api_addrs) < 2:
+        raise ValueError(f"api_addrs must name two upstreams or more, got {api_addrs!r}")
     if not os.path.isabs(run_dir):
         raise ValueError(f"run_dir must be an absolute path, got {run_dir!r}")
     for value in (*api_addrs, listen, run_dir):
         if not value or _UNSAFE.search(value):
             raise ValueError(f"{value!r} cannot be written into nginx.conf unquoted")
 
-    for compose_addr, local_addr in zip(COMPOSE_UPSTREAMS, api_addrs, strict=True):
+    last = len(COMPOSE_UPSTREAMS) - 1
+    for index, compose_addr in enumerate(COMPOSE_UPSTREAMS):
+        # The last compose upstream's line is repeated for every address past it.
+        local_addrs = api_addrs[index:] if index == last else api_addrs[index:index + 1]
         text = _replace_once(
             text,
-            rf"^(\s*server\s+){re.escape(compose_addr)}(?=[\s;])",
-            lambda m, addr=local_addr: m.group(1) + addr,
+            rf"^(\s*server\s+){re.escape(compose_addr)}(?=[\s;])([^\n]*)$",
+            lambda m, addrs=local_addrs: "\n".join(m.group(1) + a + m.group(2) for a in addrs),
             anchor=f"server {compose_addr};",
         )
     text = _replace_once(

@@ -4,9 +4,11 @@ Runs in its own process and owns its children: two processor emulators (unless
 PROCESSOR_DEFAULT_URL / PROCESSOR_FALLBACK_URL point elsewhere), api1 and api2 (`rinha serve`,
 peered with each other) and nginx on 127.0.0.1:9999 rendered from the same nginx.conf that
 docker-compose.yml mounts. The instances get the environment compose gives them, with local
-addresses. With `--limits contest` (root only) each API instance and nginx run in cgroups (v1)
-holding the CPU and memory that docker-compose.yml gives them, read from that file, so the
-local run and the submission cannot drift apart.
+addresses. `--instances N` runs api1..apiN instead, each peered with all the others over UDP
+(PEERS), only api1 polling service-health, nginx balancing over all N; api3 and later take
+api2's environment and limits (docs/scaling.md). With `--limits contest` (root only) each API
+instance and nginx run in cgroups (v1) holding the CPU and memory that docker-compose.yml gives
+them, read from that file, so the local run and the submission cannot drift apart.
 
 It keeps them running as compose's `restart: unless-stopped` would: a child that exits is
 started again (at most RESTARTS_PER_WINDOW times in RESTART_WINDOW_S, then the stack stops).
@@ -74,24 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nginx-conf", default=str(REPO_ROOT / "nginx.conf"),
                         help="the nginx.conf to render for local addresses (default: the "
                              "repository's nginx.conf, the one compose mounts)")
+    parser.add_argument("--instances", type=int, default=2,
+                        help="API instances, each peered with every other one (default 2, the "
+                             "contest's; more is docs/scaling.md's one host, N instances)")
     parser.add_argument("--port", type=int, default=9999, help="nginx's port (default 9999)")
-    parser.add_argument("--api-ports", default="9001,9002",
-                        help="HTTP ports of api1,api2 (default 9001,9002)")
-    parser.add_argument("--sync-ports", default="9101,9102",
-                        help="UDP sync ports of api1,api2 (default 9101,9102)")
+    parser.add_argument("--api-ports",
+                        help="HTTP ports of api1,api2,... (default 9001,9002,... one each)")
+    parser.add_argument("--sync-ports",
+                        help="UDP sync ports of api1,api2,... (default 9101,9102,... one each)")
     parser.add_argument("--processor-ports", default="8001,8002",
                         help="ports of the default,fallback emulators (default 8001,8002; "
                              "not used for a processor whose PROCESSOR_*_URL is set)")
     parser.add_argument("--instance-prefix", default="stack",
-                        help="INSTANCE_NAME of the APIs is PREFIX-api1 / PREFIX-api2")
+                        help="INSTANCE_NAME of the APIs is PREFIX-api1, PREFIX-api2, ...")
     return parser
 
 
 def peering(host: str, sync_ports: list[int], index: int) -> dict[str, str]:
-    """The sync settings of instance `index` of a pair on one host: it listens on its own
-    port, its peer is the other one (what docker-compose.yml spells with service names)."""
-    return {"SYNC_HOST": host, "SYNC_PORT": str(sync_ports[index]),
-            "PEER_ADDR": f"{host}:{sync_ports[1 - index]}"}
+    """The sync settings of instance `index` of N on one host: it listens on its own port and
+    syncs with every other one. A pair is spelled as docker-compose.yml spells it (PEER_ADDR);
+    more instances list the others in PEERS."""
+    others = [f"{host}:{port}" for i, port in enumerate(sync_ports) if i != index]
+    key = "PEER_ADDR" if len(others) == 1 else "PEERS"
+    return {"SYNC_HOST": host, "SYNC_PORT": str(sync_ports[index]), key: ",".join(others)}
 
 
 def nginx_argv(conf: Path, api_addrs: list[str], listen: str, run_dir: Path) -> list[str]:
@@ -138,8 +145,13 @@ class Stack:
         compose = compose_limits.load_compose(args.compose)
         run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="rinha-stack-")).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        api_ports = _ports(args.api_ports, 2, "--api-ports")
-        sync_ports = _ports(args.sync_ports, 2, "--sync-ports")
+        count = args.instances
+        if not 2 <= count <= 64:
+            raise ValueError("--instances takes 2 to 64")
+        api_ports = _ports(args.api_ports or ",".join(str(9001 + i) for i in range(count)),
+                           count, "--api-ports")
+        sync_ports = _ports(args.sync_ports or ",".join(str(9101 + i) for i in range(count)),
+                            count, "--sync-ports")
         processor_ports = _ports(args.processor_ports, 2, "--processor-ports")
         if args.limits == "contest" and os.geteuid() != 0:
             raise OSError("--limits contest needs root (it creates cgroups)")
@@ -161,11 +173,17 @@ class Stack:
             ))
 
         apis = compose_limits.api_services(compose)
-        names = sorted(apis)
-        if len(names) != 2:
-            raise ValueError(f"{args.compose} must define two API services, found {names}")
-        for index, name in enumerate(names):
-            env = compose_limits.service_environment(apis[name])
+        compose_names = sorted(apis)
+        if len(compose_names) != 2:
+            raise ValueError(f"{args.compose} must define two API services, found "
+                             f"{compose_names}")
+        names = [*compose_names, *(f"api{i + 1}" for i in range(2, count))]
+        for index in range(count):
+            name = names[index]
+            # api3.. are copies of api2: same environment (HEALTH_POLL=0 among it), same limits.
+            env = compose_limits.service_environment(apis[compose_names[min(index, 1)]])
+            for key in ("PEER_ADDR", "PEERS"):  # compose's service names: replaced below
+                env.pop(key, None)
             env.update({
                 "INSTANCE_NAME": f"{args.instance_prefix}-{name}",
                 "HOST": "127.0.0.1",
@@ -204,8 +222,10 @@ class Stack:
             cgroup_parent = f"rinha-stack-{os.getpid()}"
             limits = compose_limits.service_limits(compose)
             for child in children:
-                if child.name in limits:
-                    limit = limits[child.name]
+                limit = limits.get(child.name)
+                if limit is None and "instance_name" in child.extra:
+                    limit = limits[compose_names[1]]  # api3.. as api2
+                if limit is not None:
                     child.cgroup = cgroups.make(cgroup_parent, child.name, limit.cpus,
                                                 limit.memory_bytes)
         return cls(children, run_dir, args.limits, cgroup_parent)

@@ -107,17 +107,20 @@ def test_only_the_periodic_resend_heals_30_percent_of_datagrams_dropped(processo
 
 
 def test_a_forged_datagram_changes_nothing(processors, pair):
-    first, _ = pair
+    first, second = pair
     post_payments(first.url, 10)
     wait_until(lambda: backend_totals(first)["default"][0] == 10)
     before = backend_totals(first)
-    forged = wire.encode_cells(wire.CELLS, [(int(time.time()), 0, 99_999, 99_999_00)])[0]
+    # Well-formed, and naming the real peer as their sender: only the address gives them away.
+    forged = wire.encode_cells(wire.CELLS, second.name, second.name,
+                               [(int(time.time()), 0, 99_999, 99_999_00)])[0]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
         sync_port = int(first.env["SYNC_PORT"])
         attacker.sendto(forged, ("127.0.0.1", sync_port))
-        attacker.sendto(wire.encode_datagram(wire.PURGE, 1), ("127.0.0.1", sync_port))
+        attacker.sendto(wire.encode_datagram(wire.PURGE, second.name, 1),
+                        ("127.0.0.1", sync_port))
     # Both were refused (the log counts them), the PURGE too: handled, not just queued.
-    wait_until(lambda: "not the peer; 2 so far" in first.log(), 5)
+    wait_until(lambda: "not a peer; 2 so far" in first.log(), 5)
     assert backend_totals(first) == before
 
 

@@ -21,6 +21,7 @@ def test_defaults_with_an_empty_environment() -> None:
         "queue_max_messages": 1000,
         "hold_capacity": 65536,
         "ledger_seconds": 131072,
+        "ledger_regions": 16,
         "dispatch_concurrency": 64,
         "dispatch_batch_s": 0.01,
         "dispatcher_idle_priority": None,
@@ -32,6 +33,8 @@ def test_defaults_with_an_empty_environment() -> None:
         "health_poll": True,
         "health_interval_s": 5.0,
         "peer_addr": None,
+        "peers": (),
+        "sync_url": None,
         "sync_host": "0.0.0.0",
         "sync_port": 9000,
         "sync_resend_s": 1.0,
@@ -95,6 +98,15 @@ def test_load_reads_os_environ_when_given_nothing(monkeypatch: pytest.MonkeyPatc
         ("PEER_ADDR", "api2:9000", "peer_addr", ("api2", 9000)),
         ("PEER_ADDR", "127.0.0.1:9001", "peer_addr", ("127.0.0.1", 9001)),
         ("PEER_ADDR", "", "peer_addr", None),
+        ("PEERS", "api2:9000", "peers", (("api2", 9000),)),
+        ("PEERS", "api2:9000, api3:9000,10.0.0.4:9001", "peers",
+         (("api2", 9000), ("api3", 9000), ("10.0.0.4", 9001))),
+        ("PEERS", "", "peers", ()),
+        ("SYNC_URL", "redis://10.0.0.5:6379/0", "sync_url", "redis://10.0.0.5:6379/0"),
+        ("SYNC_URL", "redis://:secret@cache:6380", "sync_url", "redis://:secret@cache:6380"),
+        ("SYNC_URL", "", "sync_url", None),
+        ("LEDGER_REGIONS", "2", "ledger_regions", 2),
+        ("LEDGER_REGIONS", "256", "ledger_regions", 256),
         ("SYNC_HOST", "127.0.0.1", "sync_host", "127.0.0.1"),
         ("SYNC_PORT", "9100", "sync_port", 9100),
         ("SYNC_RESEND_S", "0.25", "sync_resend_s", 0.25),
@@ -162,6 +174,15 @@ def test_every_variable_is_parsed(variable: str, raw: str, field: str, value: ob
         ("PEER_ADDR", "api2:"),
         ("PEER_ADDR", "api2:0"),
         ("PEER_ADDR", "api2:port"),
+        ("PEERS", "api2"),
+        ("PEERS", "api2:9000,"),
+        ("PEERS", "api2:9000,api2:9000"),
+        ("SYNC_URL", "http://cache:6379"),
+        ("SYNC_URL", "redis://"),
+        ("SYNC_URL", "redis://cache:port"),
+        ("SYNC_URL", "redis://cache:6379/zero"),
+        ("LEDGER_REGIONS", "1"),
+        ("LEDGER_REGIONS", "257"),
         ("SYNC_PORT", "70000"),
         ("SYNC_RESEND_S", "0"),
         ("SYNC_RECOVER_TIMEOUT_S", "0.01"),
@@ -194,6 +215,29 @@ def test_a_processor_url_with_a_bad_port_is_refused(raw: str) -> None:
 def test_backoff_minimum_above_maximum_is_refused(low: str, high: str) -> None:
     with pytest.raises(SettingsError, match="RETRY_BACKOFF_MIN_S"):
         load({"RETRY_BACKOFF_MIN_S": low, "RETRY_BACKOFF_MAX_S": high})
+
+
+@pytest.mark.parametrize(
+    ("environ", "complaint"),
+    [
+        ({"PEER_ADDR": "a:1", "PEERS": "b:1"}, "PEER_ADDR and PEERS"),
+        ({"SYNC_URL": "redis://r:6379/0", "PEERS": "b:1"}, "SYNC_URL and PEERS"),
+        ({"SYNC_URL": "redis://r:6379/0", "PEER_ADDR": "b:1"}, "SYNC_URL and PEERS"),
+        ({"PEERS": "a:1,b:1,c:1", "LEDGER_REGIONS": "3"}, "LEDGER_REGIONS=4"),
+    ],
+)
+def test_sync_settings_that_contradict_each_other_are_refused(
+    environ: dict[str, str], complaint: str
+) -> None:
+    with pytest.raises(SettingsError, match=complaint):
+        load(environ)
+
+
+def test_sync_peers_is_peers_or_the_pairs_peer_addr() -> None:
+    assert load({}).sync_peers == ()
+    assert load({"PEER_ADDR": "api2:9000"}).sync_peers == (("api2", 9000),)
+    assert load({"PEERS": "api2:9000,api3:9000"}).sync_peers == (("api2", 9000), ("api3", 9000))
+    assert load({"PEERS": "a:1,b:1,c:1", "LEDGER_REGIONS": "4"}).sync_peers[2] == ("c", 1)
 
 
 def test_backoff_minimum_equal_to_maximum_is_fine() -> None:

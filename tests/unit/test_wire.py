@@ -278,29 +278,36 @@ def test_window_of_an_instant_pair_contains_exactly_the_requested_at_seconds() -
 
 # --- datagrams ----------------------------------------------------------------------------
 
+ME = "api1"
+NAMED = 1 + len(ME)  # the name field: a length byte and the bytes
+
 
 def cells(n: int) -> list[wire.Cell]:
     return [(T0 + i, i % 2, i + 1, (i + 1) * 1990) for i in range(n)]
 
 
+def cell_payload(subject: str, *packed: bytes) -> bytes:
+    return bytes((len(subject),)) + subject.encode() + b"".join(packed)
+
+
 @pytest.mark.parametrize("kind", [wire.PURGE, wire.PURGE_ACK, wire.RECOVER_REQUEST])
 @pytest.mark.parametrize("nonce", [0, 1, 0xDEADBEEF, 2**32 - 1])
-def test_bare_datagram_round_trips(kind: int, nonce: int) -> None:
-    data = wire.encode_datagram(kind, nonce)
-    assert len(data) == wire.DATAGRAM_HEADER.size == 8
+def test_bare_datagram_round_trips_with_its_sender(kind: int, nonce: int) -> None:
+    data = wire.encode_datagram(kind, ME, nonce)
+    assert len(data) == wire.DATAGRAM_HEADER.size + NAMED == 8 + 5
     assert data[:2] == wire.DATAGRAM_MAGIC
-    assert wire.decode_datagram(data) == (kind, nonce, b"")
+    assert wire.decode_datagram(data) == (kind, nonce, ME, b"")
 
 
 @pytest.mark.parametrize("kind", [wire.CELLS, wire.RECOVERY])
 @pytest.mark.parametrize("n", [1, 2, 63, 64])
-def test_cells_round_trip_in_one_datagram(kind: int, n: int) -> None:
+def test_cells_round_trip_in_one_datagram_with_their_subject(kind: int, n: int) -> None:
     sent = cells(n)
-    [data] = wire.encode_cells(kind, sent, nonce=77)
-    assert len(data) == 8 + n * wire.CELL.size
-    got_kind, nonce, payload = wire.decode_datagram(data)
-    assert (got_kind, nonce) == (kind, 77)
-    assert wire.decode_cells(payload) == sent
+    [data] = wire.encode_cells(kind, ME, "api3", sent, nonce=77)
+    assert len(data) == 8 + NAMED + 1 + len("api3") + n * wire.CELL.size
+    got_kind, nonce, origin, payload = wire.decode_datagram(data)
+    assert (got_kind, nonce, origin) == (kind, 77, ME)
+    assert wire.decode_cells(payload) == ("api3", sent)
 
 
 @pytest.mark.parametrize(
@@ -309,14 +316,20 @@ def test_cells_round_trip_in_one_datagram(kind: int, n: int) -> None:
 )
 def test_encode_cells_chunks_at_cells_per_datagram(n: int, sizes: list[int]) -> None:
     sent = cells(n)
-    datagrams = wire.encode_cells(wire.CELLS, sent, nonce=5)
-    assert [(len(d) - 8) // wire.CELL.size for d in datagrams] == sizes
-    assert all(len(d) <= 8 + wire.CELLS_PER_DATAGRAM * wire.CELL.size == 1352 for d in datagrams)
+    longest = "x" * wire.NAME_MAX
+    datagrams = wire.encode_cells(wire.CELLS, longest, longest, sent, nonce=5)
+    head = 8 + 2 * (1 + wire.NAME_MAX)
+    assert [(len(d) - head) // wire.CELL.size for d in datagrams] == sizes
+    # unfragmented on an Ethernet MTU: 1500 - 20 (IP) - 8 (UDP)
+    assert all(len(d) <= head + wire.CELLS_PER_DATAGRAM * wire.CELL.size == 1448 <= 1472
+               for d in datagrams)
     received = []
     for data in datagrams:
-        kind, nonce, payload = wire.decode_datagram(data)
-        assert (kind, nonce) == (wire.CELLS, 5)
-        received += wire.decode_cells(payload)
+        kind, nonce, origin, payload = wire.decode_datagram(data)
+        assert (kind, nonce, origin) == (wire.CELLS, 5, longest)
+        subject, got = wire.decode_cells(payload)
+        assert subject == longest
+        received += got
     assert received == sent
 
 
@@ -325,14 +338,23 @@ def test_cells_carry_the_extremes_of_their_ranges() -> None:
         (-(2**63), 0, 0, 0),
         (2**63 - 1, 1, wire.COUNT_LIMIT - 1, wire.CENTS_LIMIT - 1),
     ]
-    [data] = wire.encode_cells(wire.CELLS, extremes)
-    assert wire.decode_cells(wire.decode_datagram(data)[2]) == extremes
+    [data] = wire.encode_cells(wire.CELLS, ME, ME, extremes)
+    assert wire.decode_cells(wire.decode_datagram(data)[3]) == (ME, extremes)
+
+
+@pytest.mark.parametrize("name", ["", "x" * (wire.NAME_MAX + 1)])
+def test_names_must_be_1_to_47_bytes(name: str) -> None:
+    with pytest.raises(ValueError, match="name"):
+        wire.encode_datagram(wire.PURGE, name)
+    with pytest.raises(ValueError, match="name"):
+        wire.encode_cells(wire.CELLS, ME, name, cells(1))
 
 
 @pytest.mark.parametrize("datagrams", [0, 1, 3, 2**32 - 1])
 def test_recovery_done_round_trips(datagrams: int) -> None:
-    kind, nonce, payload = wire.decode_datagram(wire.encode_recovery_done(0xABCD, datagrams))
-    assert (kind, nonce) == (wire.RECOVERY_DONE, 0xABCD)
+    kind, nonce, origin, payload = wire.decode_datagram(
+        wire.encode_recovery_done(ME, 0xABCD, datagrams))
+    assert (kind, nonce, origin) == (wire.RECOVERY_DONE, 0xABCD, ME)
     assert wire.decode_recovery_done(payload) == datagrams
 
 
@@ -341,8 +363,9 @@ def test_recovery_done_round_trips(datagrams: int) -> None:
     [(0, False, 0), (0, True, 100), (1, False, 5), (1, True, 2**32 - 1)],
 )
 def test_health_round_trips(processor: int, failing: bool, ms: int) -> None:
-    kind, nonce, payload = wire.decode_datagram(wire.encode_health(processor, failing, ms))
-    assert (kind, nonce) == (wire.HEALTH, 0)
+    kind, nonce, origin, payload = wire.decode_datagram(
+        wire.encode_health(ME, processor, failing, ms))
+    assert (kind, nonce, origin) == (wire.HEALTH, 0, ME)
     decoded = wire.decode_health(payload)
     assert decoded == (processor, failing, ms)
     assert type(decoded[1]) is bool
@@ -350,12 +373,13 @@ def test_health_round_trips(processor: int, failing: bool, ms: int) -> None:
 
 @pytest.mark.parametrize(("ms", "sent"), [(-5, 0), (2**32, 2**32 - 1), (10**12, 2**32 - 1)])
 def test_health_clamps_the_response_time_into_32_bits(ms: int, sent: int) -> None:
-    payload = wire.decode_datagram(wire.encode_health(1, False, ms))[2]
+    payload = wire.decode_datagram(wire.encode_health(ME, 1, False, ms))[3]
     assert wire.decode_health(payload) == (1, False, sent)
 
 
-def header(magic: bytes = b"RQ", version: int = 1, kind: int = wire.CELLS) -> bytes:
-    return struct.pack("<2sBBI", magic, version, kind, 0)
+def header(magic: bytes = b"RQ", version: int = 2, kind: int = wire.CELLS,
+           name: bytes = ME.encode()) -> bytes:
+    return struct.pack("<2sBBI", magic, version, kind, 0) + bytes((len(name),)) + name
 
 
 @pytest.mark.parametrize(
@@ -367,10 +391,16 @@ def header(magic: bytes = b"RQ", version: int = 1, kind: int = wire.CELLS) -> by
         header(magic=b"QR"),
         header(magic=b"\x00\x00"),
         header(version=0),
-        header(version=2),
+        header(version=1),  # the pair-only layout, without the sender's name
+        header(version=3),
         header(kind=0),
         header(kind=wire.HEALTH + 1),
         header(kind=255),
+        header()[:8],  # no name
+        header(name=b""),
+        header(name=b"x" * (wire.NAME_MAX + 1)),
+        header()[:-1],  # a name shorter than its length byte says
+        header(name=b"\xff\xfe"),  # not UTF-8
     ],
 )
 def test_decode_datagram_refuses_what_is_not_ours(data: bytes) -> None:
@@ -380,21 +410,23 @@ def test_decode_datagram_refuses_what_is_not_ours(data: bytes) -> None:
 
 @pytest.mark.parametrize("kind", range(wire.CELLS, wire.HEALTH + 1))
 def test_decode_datagram_accepts_every_kind(kind: int) -> None:
-    assert wire.decode_datagram(header(kind=kind) + b"xyz") == (kind, 0, b"xyz")
+    assert wire.decode_datagram(header(kind=kind) + b"xyz") == (kind, 0, ME, b"xyz")
 
 
 @pytest.mark.parametrize(
     "payload",
     [
-        b"\x00",
-        b"\x00" * (wire.CELL.size - 1),
-        b"\x00" * (wire.CELL.size + 1),
-        b"\x00" * (wire.CELL.size * (wire.CELLS_PER_DATAGRAM + 1)),  # one cell too many
-        wire.CELL.pack(T0, 2, 1, 1),  # no such processor
-        wire.CELL.pack(T0, 255, 1, 1),
-        wire.CELL.pack(T0, 0, wire.COUNT_LIMIT, 1),
-        wire.CELL.pack(T0, 0, 1, wire.CENTS_LIMIT),
-        wire.CELL.pack(T0, 0, 1, 1) + wire.CELL.pack(T0, 1, 2**32 - 1, 1),  # the second is bad
+        b"",  # no subject
+        cell_payload(""),
+        cell_payload(ME, b"\x00"),
+        cell_payload(ME, b"\x00" * (wire.CELL.size - 1)),
+        cell_payload(ME, b"\x00" * (wire.CELL.size + 1)),
+        cell_payload(ME, b"\x00" * (wire.CELL.size * (wire.CELLS_PER_DATAGRAM + 1))),
+        cell_payload(ME, wire.CELL.pack(T0, 2, 1, 1)),  # no such processor
+        cell_payload(ME, wire.CELL.pack(T0, 255, 1, 1)),
+        cell_payload(ME, wire.CELL.pack(T0, 0, wire.COUNT_LIMIT, 1)),
+        cell_payload(ME, wire.CELL.pack(T0, 0, 1, wire.CENTS_LIMIT)),
+        cell_payload(ME, wire.CELL.pack(T0, 0, 1, 1), wire.CELL.pack(T0, 1, 2**32 - 1, 1)),
     ],
 )
 def test_decode_cells_refuses_wrong_lengths_and_out_of_range_values(payload: bytes) -> None:
@@ -402,8 +434,8 @@ def test_decode_cells_refuses_wrong_lengths_and_out_of_range_values(payload: byt
         wire.decode_cells(payload)
 
 
-def test_decode_cells_of_an_empty_payload_is_no_cells() -> None:
-    assert wire.decode_cells(b"") == []
+def test_decode_cells_of_a_subject_alone_is_no_cells() -> None:
+    assert wire.decode_cells(cell_payload(ME)) == (ME, [])
 
 
 @pytest.mark.parametrize(
