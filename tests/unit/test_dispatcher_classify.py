@@ -98,3 +98,19 @@ def stored(amount: str = "19.90", at: str = "2025-07-10T12:34:56.000Z",
 )
 def test_judge_stored(status: int | None, body: bytes, verdict: str) -> None:
     assert judge_stored(status, body, OURS, 1990, SECOND) == verdict
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Another id, whichever side of ours it sorts on: not an answer about our payment.
+        stored(correlation_id="3a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3"),
+        stored(correlation_id="4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b2"),
+        # A field of the wrong type, the other being right: the body cannot be read.
+        b'{"correlationId": 12, "amount": 19.90, "requestedAt": "2025-07-10T12:34:56.000Z"}',
+        b'{"correlationId": "' + OURS_TEXT.encode() + b'", "amount": 19.90, "requestedAt": 12}',
+        b'{"correlationId": "' + OURS_TEXT.encode() + b'", "amount": 19.90}',
+    ],
+)
+def test_judge_stored_of_a_record_not_about_our_id_or_unreadable_is_unknown(body: bytes) -> None:
+    assert judge_stored(200, body, OURS, 1990, SECOND) == UNKNOWN
