@@ -1,4 +1,5 @@
-"""Real processes for the integration tests: processor emulators, `rinha serve`, a load client.
+"""Real processes for the integration tests: processor emulators, `rinha serve`, a load client,
+redis-server.
 
 Every instance gets a random INSTANCE_NAME (so random queue and segment names) and free ports;
 teardown stops it and unlinks whatever it left.
@@ -224,6 +225,64 @@ class Nginx(Process):
                           f"127.0.0.1:{self.port}", run_dir)
         super().__init__("nginx", argv, {})
         wait_until(lambda: port_open(self.port))
+
+
+def peered_group(default: Emulator, fallback: Emulator, count: int, **env: str
+                 ) -> list[Instance]:
+    """`count` instances on one host as `rinha stack --instances N` peers them: each syncs with
+    every other over UDP, only the first polls health."""
+    sync = [free_port(socket.SOCK_DGRAM) for _ in range(count)]
+    common = {"SYNC_RECOVER_TIMEOUT_S": "0.3", **env}
+    group = [Instance(default, fallback, **peering("127.0.0.1", sync, i),
+                      HEALTH_POLL="1" if i == 0 else "0", **common) for i in range(count)]
+    return [instance.wait_ready() for instance in group]
+
+
+def redis_group(default: Emulator, fallback: Emulator, redis: RedisServer, count: int,
+                **env: str) -> list[Instance]:
+    """`count` instances syncing through `redis`, as on several hosts; only the first polls."""
+    common = {"SYNC_URL": redis.url, "SYNC_RECOVER_TIMEOUT_S": "0.5", **env}
+    group = [Instance(default, fallback, HEALTH_POLL="1" if i == 0 else "0", **common)
+             for i in range(count)]
+    return [instance.wait_ready() for instance in group]
+
+
+class RedisServer(Process):
+    """Debian's redis-server on a free port, its files in a temporary directory, no
+    persistence: a restart loses everything, the harshest restart there is."""
+
+    def __init__(self, port: int | None = None) -> None:
+        import shutil
+        import tempfile
+
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(binary):
+            raise OSError("redis-server not found: install Debian's redis-server "
+                          "(scripts/setup.sh does)")
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="rinha-redis-")
+        super().__init__("redis", [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                                   "--dir", self.dir, "--save", "", "--appendonly", "no",
+                                   "--daemonize", "no"], {})
+        wait_until(lambda: port_open(self.port))
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def restarted(self) -> RedisServer:
+        """Stop this server and start an empty one on the same port."""
+        self.stop()
+        return RedisServer(self.port)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        import shutil
+
+        code = super().stop(timeout)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return code
 
 
 def peered_pair(default: Emulator, fallback: Emulator, **env: str) -> tuple[Instance, Instance]:
