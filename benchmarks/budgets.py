@@ -32,7 +32,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rinha_lab import cgroups  # noqa: E402
+from rinha_lab.launcher import Launched  # noqa: E402
 
 # k6, tcpdump and the processor emulators share the last CPU: what is measured is the instance,
 # not how the harness's own bursts land on the instance's CPU.
@@ -152,17 +152,17 @@ def main() -> int:
     args = parser.parse_args()
 
     run_dir = Path(tempfile.mkdtemp(prefix="rinha-budgets-"))
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: list[Launched] = []
     group_parent = f"rinha-budgets-{os.getpid()}"
     group: dict[str, str] = {}
     groups: list[dict[str, str]] = []
 
     def start(name: str, argv: list[str], env: dict[str, str] | None = None,
-              preexec=None, cwd: str | None = None) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-        log = open(run_dir / f"{name}.log", "wb")
-        process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=log,
-                                   stderr=subprocess.STDOUT, preexec_fn=preexec or os.setsid,
-                                   cwd=cwd)
+              cgroup: dict[str, str] | None = None, cpus: set[int] | None = None,
+              cwd: str | None = None) -> Launched:
+        """Through the lab's one launcher: own session, log file, dies with this script."""
+        process = Launched(argv, env=env, log_path=run_dir / f"{name}.log", cgroup=cgroup,
+                           cpus=cpus, cwd=cwd)
         processes.append(process)
         return process
 
@@ -170,8 +170,8 @@ def main() -> int:
         ports = [free_port() for _ in range(3)]
         for port, fee in zip(ports[:2], ("0.05", "0.15"), strict=True):
             start(f"processor-{fee}", [sys.executable, "-m", "rinha", "processor",
-                                        "--port", str(port), "--fee", fee], None,
-                  _on_harness_cpu_in_own_session)
+                                        "--port", str(port), "--fee", fee],
+                  cpus={HARNESS_CPU})
             wait_port(port)
         admin = {"X-Rinha-Token": "123"}
         httpx.put(f"http://127.0.0.1:{ports[0]}/admin/configurations/delay",
@@ -184,16 +184,10 @@ def main() -> int:
                "PORT": str(ports[2]), "WORKERS": "1", "HEALTH_POLL": "0",
                "PROCESSOR_DEFAULT_URL": f"http://127.0.0.1:{ports[0]}",
                "PROCESSOR_FALLBACK_URL": f"http://127.0.0.1:{ports[1]}"}
-        enter_group = cgroups.joiner(group) if limited else os.setsid
         instance_cpus = set(range(os.cpu_count() or 1)) - {HARNESS_CPU} or {HARNESS_CPU}
-
-        def start_instance() -> None:
-            enter_group()
-            if not args.float_instance:
-                os.sched_setaffinity(0, instance_cpus)
-
-        serve = start("serve", [sys.executable, "-m", "rinha", "serve"], env, start_instance,
-                      cwd=args.instance_tree)
+        pinned = None if args.float_instance else instance_cpus
+        serve = start("serve", [sys.executable, "-m", "rinha", "serve"], env, group or None,
+                      pinned, cwd=args.instance_tree)
         wait_port(ports[2])
         time.sleep(1)
         roles = children_by_name(serve.pid)
@@ -202,19 +196,12 @@ def main() -> int:
         nginx_worker = nginx_port = None
         if not args.no_nginx:
             nginx_port = free_port()
+            nginx_group = None
             if limited:
                 nginx_group = cgroups.make(group_parent, "nginx", args.cpus, None)
                 groups.append(nginx_group)
-                enter_nginx_group = cgroups.joiner(nginx_group)
-            else:
-                enter_nginx_group = os.setsid
-
-            def start_nginx() -> None:
-                enter_nginx_group()
-                if not args.float_instance:
-                    os.sched_setaffinity(0, instance_cpus)
-
-            nginx_master = start("nginx", _nginx_argv(run_dir, nginx_port), None, start_nginx)
+            nginx_master = start("nginx", _nginx_argv(run_dir, nginx_port), None, nginx_group,
+                                 pinned)
             wait_port(nginx_port)
             nginx_worker = _only_child(nginx_master.pid)
 
@@ -275,16 +262,9 @@ def main() -> int:
         return 0
     finally:
         for process in reversed(processes):
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            process.signal_session(signal.SIGTERM)
         for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            process.stop(grace_s=10)
         if groups:
             cgroups.remove(group_parent, groups)
 
@@ -295,18 +275,18 @@ def _drive(args: argparse.Namespace, run_dir: Path, script: Path, url: str, port
     summary_path = run_dir / f"k6-summary-{name}.json"
     capture = run_dir / f"{name}.pcap"
     tcpdump = _start_capture(capture, port)
-    k6 = subprocess.run(
+    k6_log = run_dir / f"k6-{name}.log"
+    k6 = Launched(
         [k6_binary(), "run", "--quiet", "--summary-export", str(summary_path),
          "-e", f"URL={url}", "-e", f"RATE={args.rate}", "-e", f"SECONDS={args.seconds}",
          str(script)],
-        capture_output=True, text=True,
-        preexec_fn=_on_harness_cpu,
+        log_path=k6_log, cpus={HARNESS_CPU}, stop_signal=signal.SIGINT,
     )
+    returncode = k6.popen.wait()
     if tcpdump is not None:
-        tcpdump.send_signal(signal.SIGINT)
-        tcpdump.wait(10)
-    if k6.returncode not in (0, 99):
-        print(k6.stdout[-2000:], k6.stderr[-2000:], file=sys.stderr)
+        tcpdump.stop(grace_s=10)  # SIGINT: tcpdump writes out what it captured
+    if returncode not in (0, 99):
+        print(k6.log()[-4000:], file=sys.stderr)
         raise SystemExit("k6 failed")
     metrics = json.loads(summary_path.read_text())["metrics"]
     server = _server_side(capture, port) if tcpdump is not None else None
@@ -443,7 +423,7 @@ def _medians(rounds: list[dict]) -> dict:
     return merge(rounds)
 
 
-def _start_capture(path: Path, port: int) -> subprocess.Popen[bytes] | None:
+def _start_capture(path: Path, port: int) -> Launched | None:
     """tcpdump on loopback for the worker's port (kernel timestamps), or None without it."""
     import shutil
 
@@ -452,23 +432,13 @@ def _start_capture(path: Path, port: int) -> subprocess.Popen[bytes] | None:
         print("tcpdump not found (apt-get install tcpdump): no server-side latency",
               file=sys.stderr)
         return None
-    process = subprocess.Popen(
+    process = Launched(
         [binary, "-i", "lo", "-n", "-s", "128", "-B", "16384", "-w", str(path),
          f"tcp port {port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        preexec_fn=_on_harness_cpu,
+        log_path=path.with_suffix(".log"), cpus={HARNESS_CPU}, stop_signal=signal.SIGINT,
     )
     time.sleep(1)  # tcpdump needs a moment before it captures
     return process
-
-
-def _on_harness_cpu() -> None:
-    os.sched_setaffinity(0, {HARNESS_CPU})
-
-
-def _on_harness_cpu_in_own_session() -> None:
-    os.setsid()
-    _on_harness_cpu()
 
 
 def _server_side(capture: Path, port: int) -> dict[str, float]:

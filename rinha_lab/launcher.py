@@ -30,12 +30,14 @@ class Launched:
         log_path: Path | None = None,
         cgroup: Mapping[str, str] | None = None,
         cwd: Path | str | None = None,
+        cpus: set[int] | None = None,
         stop_signal: int = signal.SIGTERM,
         parent_death_signal: int = signal.SIGTERM,
     ) -> None:
         """`log_path`: stdout and stderr appended there; None: stdout is a pipe
-        (`self.popen.stdout`), stderr joins it. `parent_death_signal`: what the child gets if
-        this process dies first (SIGTERM lets it stop its own children)."""
+        (`self.popen.stdout`), stderr joins it. `cpus`: the CPUs it may run on (benchmarks
+        keep their harness and the instance apart). `parent_death_signal`: what the child gets
+        if this process dies first (SIGTERM lets it stop its own children)."""
         self.argv = argv
         self.log_path = log_path
         self.stop_signal = stop_signal
@@ -44,6 +46,8 @@ class Launched:
 
         def before_exec() -> None:
             enter_cgroups()  # also starts the session
+            if cpus:
+                os.sched_setaffinity(0, cpus)
             prctl.die_with_parent(launcher, parent_death_signal)
 
         output = open(log_path, "ab") if log_path is not None else None
