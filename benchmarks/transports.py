@@ -33,6 +33,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rinha_lab.launcher import Launched  # noqa: E402
 
 CLIENTS = {
     "harness": "no HTTP: asyncio.sleep(delay) instead of a request (driver baseline)",
@@ -425,12 +429,12 @@ def main() -> None:
         parser.error(f"unknown client(s): {', '.join(unknown)}")
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     pinned = CLIENT_CPU in cpus and SERVER_CPU in cpus
-    server = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--serve", "--delay-ms", str(args.delay_ms)],
-        stdout=subprocess.PIPE, text=True)
+    # Through the lab's launcher: its own session, and it dies with this script.
+    server = Launched(
+        [sys.executable, os.path.abspath(__file__), "--serve", "--delay-ms", str(args.delay_ms)])
     runs: dict[str, list[dict]] = {name: [] for name in names}
     try:
-        port = int(server.stdout.readline())
+        port = int(server.popen.stdout.readline())
         placement = (f"server pinned to CPU {SERVER_CPU}, clients to CPU {CLIENT_CPU}"
                      if pinned else "NOT pinned (needs CPUs 0 and 1)")
         print(f"server: 127.0.0.1:{port}, delay {args.delay_ms:g} ms, {placement}; "
@@ -445,8 +449,7 @@ def main() -> None:
                       f"  other {result['foreign_cpu_percent']:.0f}%", flush=True)
                 time.sleep(0.5)
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
 
     harness = statistics.median(r["cpu_us_per_request"] for r in runs["harness"]) \
         if runs.get("harness") else None
