@@ -88,7 +88,8 @@ def _open_queue(settings: Settings) -> posix_ipc.MessageQueue:
             "docker compose, `sysctls: {fs.mqueue.msg_max: ...}`; or lower QUEUE_MAX_MESSAGES."
         ) from None
     except OSError as exc:
-        if exc.errno == errno.EMFILE:
+        # posix_ipc raises EMFILE as an OSError without errno, only the message says it.
+        if exc.errno == errno.EMFILE or "maximum number of files" in str(exc):
             raise StartupError(
                 f"cannot create the queue with QUEUE_MAX_MESSAGES={settings.queue_max_messages}: "
                 "the user's message-queue byte budget (RLIMIT_MSGQUEUE, shared by all queues of "

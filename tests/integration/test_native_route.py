@@ -55,8 +55,12 @@ class Worker(Process):
                                             max_message_size=wire.PAYMENT_RECORD_SIZE)
         super().__init__("native-worker", [sys.executable, "-m", __name__, str(self.port),
                                            self.queue_name], {})
-        wait_until(lambda: self.popen.poll() is not None or port_open(self.port))
-        assert self.popen.poll() is None, self.log()
+        try:
+            wait_until(lambda: self.popen.poll() is not None or port_open(self.port))
+            assert self.popen.poll() is None, self.log()
+        except BaseException:
+            self.stop()  # unlinks the queue: root's queue budget is small and shared
+            raise
 
     def counts(self) -> dict[str, int]:
         return httpx.get(f"http://127.0.0.1:{self.port}/counts", timeout=5).json()

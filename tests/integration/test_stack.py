@@ -84,7 +84,8 @@ def test_stack_serves_port_9999_role_and_stops_everything(tmp_path):
     assert not any(alive(pid) for pid in pids)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(),
+                    reason="--limits contest needs root and cgroup v1's cpu controller")
 def test_contest_limits_come_from_docker_compose(tmp_path):
     limits = compose_limits.load_limits(REPO / "docker-compose.yml")
     stack, port = start_stack(tmp_path, "--limits", "contest")
