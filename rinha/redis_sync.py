@@ -160,7 +160,10 @@ class RedisSync:
             if self._pending:
                 cells, self._pending = self._pending, set()
                 values = [(s, p, *self._ledger.own_cell(s, p)) for s, p in sorted(cells)]
-                messages = wire.encode_cells(wire.CELLS, self._name, self._name, values) \
+                # The nonce is the epoch the cells belong to: a receiver drops them once it
+                # knows of a later purge, however late pub/sub delivers them.
+                messages = wire.encode_cells(wire.CELLS, self._name, self._name, values,
+                                             self._ledger.sync_epoch) \
                     if self._settings.sync_push else []
                 try:
                     await self._store(values, messages)
@@ -180,8 +183,11 @@ class RedisSync:
         in_redis, lost = await self._write_script(
             keys=keys, args=[epoch, self._name, CHANNEL, len(messages), *messages,
                              *write_args(cells)])
-        if in_redis != epoch:
+        if in_redis > epoch:
             adopt_epoch(self._ledger, in_redis)  # purged meanwhile: so are these cells
+        elif in_redis < epoch:
+            log.warning("Redis holds epoch %d, older than this ledger's %d: an instance that "
+                        "missed a purge recreated it", in_redis, epoch)
         elif lost:
             log.warning("Redis had lost its data (restarted without persistence?): writing "
                         "this instance's cells back")
@@ -195,6 +201,10 @@ class RedisSync:
         self._purge_pending = False
         self._pending.clear()  # the worker purged the ledger: nothing older is to be written
         self._ledger.sync_epoch = epoch
+        # Between the worker's purge and this moment a periodic read or a message could have
+        # brought the others' old cells back; from now on only the new epoch's can arrive.
+        for region in self._ledger.mirrors().values():
+            self._ledger.purge(region)
         await client.publish(CHANNEL, wire.encode_datagram(wire.PURGE, self._name, epoch))
         log.info("purged the deployment: Redis epoch %d", epoch)
 
@@ -238,8 +248,9 @@ class RedisSync:
                 self._wake.set()
                 continue
             if epoch != self._ledger.sync_epoch:
-                adopt_epoch(self._ledger, epoch)
-                continue
+                if epoch > self._ledger.sync_epoch:
+                    adopt_epoch(self._ledger, epoch)
+                continue  # older: read before a purge this instance made, stale
             for i in range(0, len(rest), 3):
                 member = rest[i].decode()
                 cells = [cell for f, v in zip(rest[i + 1], rest[i + 2], strict=True)
@@ -262,7 +273,9 @@ class RedisSync:
                 subject, cells = wire.decode_cells(payload)
                 if subject != origin:
                     raise wire.MalformedDatagram(f"{origin} sent cells of {subject}")
-                if region is not None:
+                if nonce > self._ledger.sync_epoch:
+                    adopt_epoch(self._ledger, nonce)  # a purge this instance missed
+                if region is not None and nonce == self._ledger.sync_epoch:
                     merge_cells(self._ledger, region, cells)
             elif kind == wire.PURGE:
                 if nonce > self._ledger.sync_epoch:

@@ -170,3 +170,81 @@ def test_recover_from_a_redis_that_is_not_there_is_none(new_ledger) -> None:  # 
     ledger = new_ledger()
     assert recover_from_redis(settings, ledger) is None
     assert ledger.summary(None, None) == (0, 0, 0, 0)
+
+
+# --- RedisSync.handle: a message from the channel ---------------------------------------------
+
+
+def carrier(ledger: Ledger):  # type: ignore[no-untyped-def]
+    from rinha.redis_sync import RedisSync
+
+    health: list = []
+    settings = load({"INSTANCE_NAME": "me", "SYNC_URL": "redis://127.0.0.1:1/0"})
+    return RedisSync(settings, ledger, health.append), health
+
+
+def test_cells_of_the_current_epoch_merge_into_the_senders_region(new_ledger) -> None:  # type: ignore[no-untyped-def]
+    from rinha import wire
+
+    ledger = new_ledger()
+    ledger.sync_epoch = 3
+    sync, _ = carrier(ledger)
+    [message] = wire.encode_cells(wire.CELLS, "b", "b", [(T0, DEFAULT, 2, 20)], 3)
+    sync.handle(message)
+    assert region_cells(ledger, ledger.region_of("b")) == [(T0, DEFAULT, 2, 20)]
+
+
+def test_cells_of_an_older_epoch_are_dropped_however_late_they_come(new_ledger) -> None:  # type: ignore[no-untyped-def]
+    from rinha import wire
+
+    ledger = new_ledger()
+    ledger.sync_epoch = 3
+    sync, _ = carrier(ledger)
+    [message] = wire.encode_cells(wire.CELLS, "b", "b", [(T0, DEFAULT, 2, 20)], 2)
+    sync.handle(message)
+    assert ledger.summary(None, None) == (0, 0, 0, 0)
+    assert ledger.sync_epoch == 3
+
+
+def test_cells_of_a_newer_epoch_purge_first_then_merge(new_ledger) -> None:  # type: ignore[no-untyped-def]
+    from rinha import wire
+
+    ledger = new_ledger()
+    ledger.sync_epoch = 3
+    ledger.store(OWN, T0, DEFAULT, 5, 5)  # counted before the purge this instance missed
+    sync, _ = carrier(ledger)
+    [message] = wire.encode_cells(wire.CELLS, "b", "b", [(T0 + 9, FALLBACK, 1, 1)], 4)
+    sync.handle(message)
+    assert ledger.sync_epoch == 4
+    assert ledger.summary(None, None) == (0, 0, 1, 1)
+
+
+def test_our_own_echo_is_skipped_and_a_purge_message_purges_once(new_ledger) -> None:  # type: ignore[no-untyped-def]
+    from rinha import wire
+
+    ledger = new_ledger()
+    ledger.sync_epoch = 1
+    ledger.store(OWN, T0, DEFAULT, 5, 5)
+    sync, health = carrier(ledger)
+    [echo] = wire.encode_cells(wire.CELLS, "me", "me", [(T0, DEFAULT, 9, 9)], 1)
+    sync.handle(echo)
+    assert ledger.summary(None, None) == (5, 5, 0, 0)
+    sync.handle(wire.encode_datagram(wire.PURGE, "b", 1))  # not newer: nothing
+    assert ledger.summary(None, None) == (5, 5, 0, 0)
+    sync.handle(wire.encode_datagram(wire.PURGE, "b", 2))
+    assert (ledger.summary(None, None), ledger.sync_epoch) == ((0, 0, 0, 0), 2)
+    sync.handle(wire.encode_health("b", DEFAULT, True, 40))
+    assert len(health) == 1 and health[0].failing
+
+
+def test_cells_of_someone_else_or_garbage_are_dropped_and_counted(new_ledger) -> None:  # type: ignore[no-untyped-def]
+    from rinha import wire
+
+    ledger = new_ledger()
+    ledger.sync_epoch = 1
+    sync, _ = carrier(ledger)
+    [relayed] = wire.encode_cells(wire.CELLS, "b", "c", [(T0, DEFAULT, 1, 1)], 1)
+    sync.handle(relayed)
+    sync.handle(b"not ours")
+    assert sync.dropped_malformed == 2
+    assert ledger.summary(None, None) == (0, 0, 0, 0)
