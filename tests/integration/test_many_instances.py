@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import httpx
 import pytest
 
+from rinha import wire
 from rinha.resources import unlink_all
 from rinha.settings import load as load_settings
 from tests.processes import (
@@ -109,6 +111,22 @@ def test_one_health_poller_shares_with_both_others(processors):
     finally:
         for instance in group:
             instance.stop()
+
+
+def test_a_forged_datagram_naming_a_real_peer_changes_nothing(processors, trio):
+    first = trio[0]
+    post_payments(first.url, 10)
+    wait_until(lambda: all_agree(processors, trio), 10)
+    before = backend_totals(first)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        target = ("127.0.0.1", int(first.env["SYNC_PORT"]))
+        for peer in trio[1:]:
+            attacker.sendto(wire.encode_cells(wire.CELLS, peer.name, peer.name,
+                                              [(int(time.time()), 0, 99_999, 9_999_900)])[0],
+                            target)
+        attacker.sendto(wire.encode_datagram(wire.PURGE, trio[2].name, 1), target)
+    wait_until(lambda: "not a peer; 3 so far" in first.log(), 5)
+    assert backend_totals(first) == before
 
 
 def test_purge_on_one_clears_all_three(processors, trio):

@@ -29,8 +29,9 @@ from tests.processes import RedisServer
 T0 = 1_752_150_896
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, on a free port, its files in a temporary directory."""
     started = RedisServer()
     yield started
     started.stop()
@@ -39,7 +40,6 @@ def server() -> Iterator[RedisServer]:
 @pytest.fixture
 def client(server: RedisServer):  # type: ignore[no-untyped-def]
     connection = server.client()
-    connection.flushdb()
     yield connection
     connection.close()
 
