@@ -14,7 +14,9 @@ The config's table `[cosmic-ray.filters.function-filter]` takes:
         Absent: the whole module is mutated. A name that matches nothing is an error, so a
         renamed function cannot silently leave a module untested.
     skip-logging-calls = true
-        skip mutations inside `log.<level>(...)` calls: what a log line says decides nothing.
+        skip mutations inside `log.<level>(...)` calls, and the negation of the condition of an
+        `if` whose only statements are such calls: what a log line says, or whether it is
+        written, decides nothing.
     exclude-operators = ["regex", ...]
         skip the operators whose name matches (as cr-filter-operators does).
 
@@ -99,15 +101,26 @@ def included_spans(source: str, include: list[str]) -> list[Span]:
     return spans
 
 
+def _is_logging_call(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in ("log", "logging") and node.func.attr in _LOG_METHODS)
+
+
 def logging_spans(source: str) -> list[Span]:
-    spans = []
-    for node in ast.walk(ast.parse(source)):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name)
-                and node.func.value.id in ("log", "logging")
-                and node.func.attr in _LOG_METHODS):
-            spans.append(_span(node))
-    return spans
+    """Logging calls."""
+    return [_span(node) for node in ast.walk(ast.parse(source)) if _is_logging_call(node)]
+
+
+def log_only_conditions(source: str) -> list[Span]:
+    """The conditions of the `if`s whose only statements are logging calls: negating one
+    changes only whether a line is logged (a call inside it still runs)."""
+    return [_span(node.test) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.If) and not node.orelse
+            and all(isinstance(s, ast.Expr) and _is_logging_call(s.value) for s in node.body)]
+
+
+_NEGATIONS = re.compile(r"core/(AddNot|ReplaceUnaryOperator_Delete_Not)$")
 
 
 def annotation_spans(source: str) -> list[Span]:
@@ -130,12 +143,15 @@ def annotation_spans(source: str) -> list[Span]:
     return spans
 
 
-def skip_reason(position: tuple[int, int], included: list[Span] | None,
-                logging: list[Span], annotations: list[Span]) -> str | None:
+def skip_reason(position: tuple[int, int], operator: str, included: list[Span] | None,
+                logging: list[Span], log_conditions: list[Span],
+                annotations: list[Span]) -> str | None:
     if included is not None and not any(_inside(position, s) for s in included):
         return "outside the functions this module's config names"
     if any(_inside(position, s) for s in logging):
         return "inside a logging call"
+    if _NEGATIONS.match(operator) and any(_inside(position, s) for s in log_conditions):
+        return "negates a condition that only decides whether to log"
     if any(_inside(position, s) for s in annotations):
         return "inside an annotation (never evaluated)"
     return None
@@ -155,7 +171,7 @@ class FunctionFilter(FilterApp):
         include = config.get("include")
         skip_logging = bool(config.get("skip-logging-calls", False))
         excluded = [re.compile(e) for e in config.get("exclude-operators", ())]
-        cache: dict[Path, tuple[list[Span] | None, list[Span], list[Span]]] = {}
+        cache: dict[Path, tuple[list[Span] | None, list[Span], list[Span], list[Span]]] = {}
         for item in work_db.pending_work_items:
             for mutation in item.mutations:
                 path = Path(mutation.module_path)
@@ -163,8 +179,10 @@ class FunctionFilter(FilterApp):
                     source = path.read_text()
                     cache[path] = (included_spans(source, list(include)) if include else None,
                                    logging_spans(source) if skip_logging else [],
+                                   log_only_conditions(source) if skip_logging else [],
                                    annotation_spans(source))
-                reason = skip_reason(tuple(mutation.start_pos), *cache[path])
+                reason = skip_reason(tuple(mutation.start_pos), mutation.operator_name,
+                                     *cache[path])
                 if reason is None and any(e.search(mutation.operator_name) for e in excluded):
                     reason = "an excluded operator"
                 if reason is not None:

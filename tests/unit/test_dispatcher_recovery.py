@@ -126,3 +126,27 @@ def test_a_staged_control_record_is_not_taken_for_a_payment(parts):
     restarted.recover()
     assert list(table.held()) == []
     assert not restarted._router.has_work
+
+
+def test_a_recording_slot_does_not_stop_the_recovery_of_the_slots_after_it(parts):
+    _, table, ledger = parts
+    table.write(held(2, RECORDING, word_before=ledger.own_word(SECOND, DEFAULT)))
+    table.write(HeldPayment(3, uuid4().bytes, 500, 2_000, state=QUEUED))  # newer: after it
+    table.write(HeldPayment(4, uuid4().bytes, 700, 3_000, state=SENDING, processor=DEFAULT,
+                            requested_at=SECOND))
+    restarted = dispatcher(parts)
+    restarted.recover()
+    assert ledger.own_cell(SECOND, DEFAULT) == (1, 1990)
+    assert restarted._router.counts() == {"waiting": 1, "pinned": 1, "parked": 0}
+    assert sorted(p.slot for p in table.held()) == [3, 4]
+
+
+def test_a_payment_committed_from_staging_is_held_since_the_recovery_in_ms(parts):
+    """Its hold time (for FALLBACK_AFTER_S, and the order of sending) starts at recovery."""
+    _, table, _ = parts
+    stage_record(table, 7, 1990)
+    before_ms = time.time_ns() // 1_000_000
+    dispatcher(parts).recover()
+    after_ms = time.time_ns() // 1_000_000
+    [payment] = list(table.held())
+    assert before_ms <= payment.held_since_ms <= after_ms

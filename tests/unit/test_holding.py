@@ -330,3 +330,91 @@ def test_claim_leaves_the_slots_in_use_out_of_the_free_ones(table, queue):
     queue.send(wire.encode_payment(uuid4().bytes, 100))
     received = table.receive(queue.mqd, 0)
     assert received.slot == CAPACITY - 1 and table.full
+
+
+# --- found by mutation testing (tests/mutation) ----------------------------------------------
+
+
+def test_open_checks_the_magic_whichever_side_of_ours_it_sorts_on(name: str) -> None:
+    header = b"zinhaHLD" + holding._VERSION.to_bytes(4, "little") + (4).to_bytes(4, "little")
+    write_segment(name, header, 64 + 4 * SLOT_SIZE)
+    with pytest.raises(ValueError, match="not a rinha holding table"):
+        HoldingTable.open(name)
+
+
+def test_open_refuses_a_segment_one_slot_short_and_takes_a_longer_one(name: str) -> None:
+    header = b"rinhaHLD" + holding._VERSION.to_bytes(4, "little") + (3).to_bytes(4, "little")
+    write_segment(name, header, 64 + 2 * SLOT_SIZE)
+    with pytest.raises(ValueError, match="smaller than its 3 slots"):
+        HoldingTable.open(name)
+    HoldingTable.unlink(name)
+    # Two slots more than the header says: usable, and the extra ones (one in use, one free)
+    # are none of the table's.
+    beyond = bytes([SENDING]) + bytes(2 * SLOT_SIZE - 1)
+    write_segment(name, header + bytes(64 - len(header)) + bytes(3 * SLOT_SIZE) + beyond,
+                  64 + 5 * SLOT_SIZE)
+    table = HoldingTable.open(name)
+    try:
+        assert table.capacity == 3
+        held = payment(0)
+        table.write(held)
+        assert list(table.held()) == [held]
+        assert table.depth() == 1
+    finally:
+        table.close()
+
+
+def test_depth_counts_the_slots_not_free(table: HoldingTable) -> None:
+    assert table.depth() == 0
+    for slot, state in [(0, QUEUED), (5, SENDING), (CAPACITY - 1, RECORDING)]:
+        table.write(payment(slot, state=state))
+    assert table.depth() == 3
+    table.free(5)
+    assert table.depth() == 2
+    for slot in range(CAPACITY):
+        table.write(payment(slot))
+    assert table.depth() == CAPACITY
+
+
+def test_a_released_payment_is_not_committed_again_by_the_next_dispatcher(name, table, queue):
+    """release frees the slot but leaves its record bytes; the staging mark, cleared after the
+    commit, must not point at the slot any more, or a restart would take the payment twice."""
+    table.claim(0)
+    for _ in range(2):  # slots 0 and 1
+        queue.send(wire.encode_payment(uuid4().bytes, 1990))
+    received = [table.receive(queue.mqd, 0) for _ in range(2)]
+    assert sorted(p.slot for p in received) == [0, 1]
+    for p in received:
+        table.release(p)
+    reopened = HoldingTable.open(name)
+    try:
+        assert reopened.claim(1) == ([], False)
+    finally:
+        reopened.close()
+
+
+def test_every_received_record_lands_in_its_own_slot(table, queue):
+    table.claim(0)
+    sent = []
+    for i in range(12):
+        sent.append((uuid4().bytes, 100 + i))
+        queue.send(wire.encode_payment(*sent[-1]))
+        assert isinstance(table.receive(queue.mqd, 5), HeldPayment)
+    assert sorted((p.correlation_id, p.cents) for p in table.held()) == sorted(sent)
+
+
+@pytest.mark.parametrize("slot", [0, 1, 3, CAPACITY - 1])
+def test_a_staged_record_is_committed_in_any_slot_and_a_committed_one_never_again(
+    name, table, queue, slot
+):
+    queue.send(wire.encode_payment(uuid4().bytes, 1990))
+    receive_into_slot(table, queue, slot)
+    held, committed = table.claim(7)
+    assert committed and [(p.slot, p.cents) for p in held] == [(slot, 1990)]
+    # Committed, and a kill before the staging mark was cleared:
+    queue.send(wire.encode_payment(uuid4().bytes, 500))
+    receive_into_slot(table, queue, (slot + 5) % CAPACITY)
+    correlation_id, cents = wire.decode_payment(table.staged_record((slot + 5) % CAPACITY))
+    table.write(HeldPayment((slot + 5) % CAPACITY, correlation_id, cents, 8))
+    held, committed = table.claim(9)
+    assert not committed and len(held) == 2
