@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from uuid import uuid4
 
@@ -68,3 +69,48 @@ def test_recover_from_peers_takes_an_answer_reordered_or_duplicated(ledger, sock
     assert recover_from_peers(settings, ledger, mine) == 1
     answering.join(5)
     assert own_cells(ledger, OWN) == CELLS
+
+
+def test_a_silent_peer_is_asked_again_over_the_whole_timeout(ledger, sockets):
+    """Three requests spaced by a third of SYNC_RECOVER_TIMEOUT_S: a peer that starts late
+    in that time is still heard."""
+    mine, silent = sockets
+    settings = settings_towards(silent, SYNC_RECOVER_TIMEOUT_S="0.6")
+    started = time.monotonic()
+    assert recover_from_peers(settings, ledger, mine) == 0
+    assert time.monotonic() - started >= 0.55
+    silent.settimeout(0.1)
+    for _ in range(3):
+        silent.recvfrom(2048)  # asked three times
+
+
+def test_a_peer_that_answers_only_the_second_request_is_heard_beside_one_that_answered(
+    ledger, sockets
+):
+    mine, prompt = sockets
+    late = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    late.bind((LOCALHOST, 0))
+
+    def answer(peer: socket.socket, name: str, cells: list, ignore: int) -> None:
+        peer.settimeout(2.0)
+        for _ in range(ignore):
+            peer.recvfrom(2048)  # not up yet
+        data, address = peer.recvfrom(2048)
+        nonce = wire.decode_datagram(data)[1]
+        peer.sendto(wire.encode_cells(wire.RECOVERY, name, ME, cells, nonce)[0], address)
+        peer.sendto(wire.encode_recovery_done(name, nonce, 1), address)
+
+    mine_prompt = [(T0, DEFAULT, 2, 20)]
+    mine_late = [(T0 + 1, DEFAULT, 5, 50)]
+    threads = [threading.Thread(target=answer, args=(prompt, "prompt", mine_prompt, 0)),
+               threading.Thread(target=answer, args=(late, "late", mine_late, 1))]
+    for thread in threads:
+        thread.start()
+    try:
+        settings = settings_towards(prompt, late, SYNC_RECOVER_TIMEOUT_S="1.5")
+        assert recover_from_peers(settings, ledger, mine) == 2
+    finally:
+        for thread in threads:
+            thread.join(5)
+        late.close()
+    assert own_cells(ledger, OWN) == mine_prompt + mine_late
