@@ -14,7 +14,7 @@ import pytest
 from rinha import metrics, wire
 from rinha.ledger import DEFAULT, Ledger
 from rinha.metrics import DispatcherCounters, Metrics
-from rinha.peers import PeerSync
+from rinha.peers import PeerAddress, PeerSync
 from tests.unit.test_peers import (
     LOCALHOST,
     PEER_NAME,
@@ -107,3 +107,11 @@ def test_a_purge_is_resent_to_each_peer_until_that_one_acknowledges(ledger, sock
         time.sleep(0.15)
         purges_within(second, 0.01)
         assert purges_within(second, 0.35) == []
+
+
+def test_a_stranger_is_refused_even_when_its_datagram_triggers_the_resolution() -> None:
+    """The first datagram a PeerAddress judges makes it resolve its name: the sender must
+    still match what the name resolves to."""
+    peer = PeerAddress("localhost", 9123)
+    assert peer.is_peer(("10.1.2.3", 9123)) is False
+    assert peer.is_peer((LOCALHOST, 9123)) is True
