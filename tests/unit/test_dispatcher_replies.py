@@ -9,6 +9,7 @@ payment left by a killed dispatcher, through the table, as recover() finds it).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator
 from uuid import uuid4
@@ -324,3 +325,32 @@ def test_what_the_poll_reports_reaches_the_router(processors, parts):
     drive(dispatcher, lambda: dispatcher._router.circuits[DEFAULT].failing, timeout=5)
     assert not dispatcher._router.circuits[FALLBACK].failing
     assert requests(default) == 0
+
+
+# --- the recorder's push to the peers -----------------------------------------------------------
+
+
+def test_a_recorded_payment_is_pushed_to_the_peer_at_once(processors, parts):
+    """SYNC_RESEND_S=30: only the push of the loop turn that recorded it can bring the cell
+    to the peer within the test."""
+    mine = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        mine.bind(("127.0.0.1", 0))
+        peer.bind(("127.0.0.1", 0))
+        settings = load({**parts.env, "PEERS": f"127.0.0.1:{peer.getsockname()[1]}",
+                         "SYNC_RESEND_S": "30"})
+        dispatcher = Dispatcher(settings, parts.queue, parts.table, parts.ledger, mine)
+        parts.queue.send(wire.encode_payment(uuid4().bytes, 1990))
+        drive(dispatcher, lambda: parts.own()[0] == 1)
+        peer.settimeout(2.0)
+        kind, _, origin, payload = wire.decode_datagram(peer.recvfrom(2048)[0])
+        assert (kind, origin) == (wire.CELLS, settings.instance_name)
+        subject, cells = wire.decode_cells(payload)
+        assert subject == origin
+        [(second, processor, count, cents)] = cells
+        assert (processor, count, cents) == (DEFAULT, 1, 1990)
+        assert parts.ledger.own_cell(second, DEFAULT) == (1, 1990)
+    finally:
+        mine.close()
+        peer.close()
