@@ -76,3 +76,18 @@ def test_circuit_state_for_the_status_page():
     assert r.circuit_state(DEFAULT) == (1, NOW, 1)  # open
     r.on_sent(DEFAULT, NOW + 0.2)
     assert r.circuit_state(DEFAULT)[0] == 2  # probing
+
+
+def test_a_payment_pinned_to_a_failing_fallback_wakes_the_router_for_its_probe():
+    r = router(FALLBACK_AFTER_S="0")
+    r.circuits = (Circuit(), backing_off())
+    r.admit(payment(1, pinned=True, processor=FALLBACK))
+    assert r.next_send(NOW, WALL_MS) is None
+    assert r.next_due(NOW, WALL_MS) == pytest.approx(NOW + 0.5)
+
+
+def test_a_hold_time_under_a_second_wakes_the_router_on_time():
+    r = router(FALLBACK_AFTER_S="0.5")
+    r.circuits = (backing_off_long(), Circuit())
+    r.admit(payment(1, WALL_MS - 200))
+    assert r.next_due(NOW, WALL_MS) == pytest.approx(NOW + 0.3)
