@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 
 from rinha.health import HealthReport
-from rinha.routing import DEFAULT, FALLBACK, Circuit
+from rinha.routing import DEFAULT, FALLBACK, Circuit, on_failure, on_success
 from tests.unit.test_router import NOW, WALL_MS, backing_off, backing_off_long, payment, router
 
 
 @pytest.mark.parametrize(
     ("held_ms", "fallback_after_s", "expected"),
-    [(1999, "2", None), (2000, "2", FALLBACK), (2500, "2.4", FALLBACK), (2300, "2.4", None)],
+    [(1999, "2", None), (2000, "2", FALLBACK), (2500, "2.4", FALLBACK), (2300, "2.4", None),
+     (600, "0.5", FALLBACK), (400, "0.5", None)],
 )
 def test_a_waiting_payment_goes_to_the_fallback_once_held_long_enough(held_ms,
                                                                      fallback_after_s, expected):
@@ -91,3 +92,12 @@ def test_a_hold_time_under_a_second_wakes_the_router_on_time():
     r.circuits = (backing_off_long(), Circuit())
     r.admit(payment(1, WALL_MS - 200))
     assert r.next_due(NOW, WALL_MS) == pytest.approx(NOW + 0.3)
+
+
+def test_a_probe_failing_after_a_success_reset_the_count_leaves_no_negative_count():
+    """A success closes the circuit and forgets the probes in flight; one of them failing
+    later must not leave room for an extra probe."""
+    circuit = Circuit(failing=True, retry_at=NOW, backoff_s=0.1, probes_in_flight=1)
+    on_success(circuit, NOW)
+    on_failure(circuit, NOW + 0.01, True, 0.1, 1.0)
+    assert circuit.probes_in_flight == 0
