@@ -19,8 +19,10 @@ from uuid import uuid4
 
 import pytest
 
+from rinha import metrics
 from rinha.heartbeat import Heartbeats, Silence
-from rinha.supervisor import RESTARTS_PER_WINDOW, ChildSpec, Supervisor
+from rinha.metrics import Metrics, SupervisorCounters
+from rinha.supervisor import RESTART_WINDOW_S, RESTARTS_PER_WINDOW, ChildSpec, Supervisor
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -85,7 +87,7 @@ def test_a_child_that_cannot_boot_stops_the_instance_at_once(tmp_path):
     assert "restarting" not in log
 
 
-@pytest.mark.parametrize("exit_code", [0, 1, 2])
+@pytest.mark.parametrize("exit_code", [0, 1, 2, 4])
 def test_a_child_that_dies_once_is_restarted_and_the_instance_serves_on(tmp_path, exit_code):
     """Any exit but the boot error's (3), a clean one included, is a death to restart."""
     code, log = supervise(f"""
@@ -151,6 +153,7 @@ def test_a_silent_child_is_killed_once_and_a_beating_one_is_left_alone(heartbeat
     time.sleep(0.5)
     heartbeats.beat(2)
     supervisor.kill_hung_children()
+    supervisor.kill_hung_children()  # killed, not reaped yet: watched no more
     assert killed(silent)
     assert children[0].silence is None  # killed once: the restart brings a new watch
     assert beating.poll() is None
@@ -165,7 +168,8 @@ def test_a_child_already_gone_does_not_stop_the_watch_of_the_others(heartbeats, 
     gone.kill()
     gone.wait()  # reaped: no /proc entry, no schedstat
     os.kill(silent.pid, signal.SIGSTOP)
-    supervisor = Supervisor([watched(gone, 1, heartbeats), watched(silent, 2, heartbeats)],
+    dead = ChildSpec("dead", lambda: None, slot=3)  # reaped, not restarted yet: no pid
+    supervisor = Supervisor([dead, watched(gone, 1, heartbeats), watched(silent, 2, heartbeats)],
                             heartbeats, heartbeat_timeout_s=0.2)
     time.sleep(0.4)
     supervisor.kill_hung_children()
@@ -186,3 +190,40 @@ def test_no_child_is_killed_with_the_watch_off_or_while_stopping(heartbeats, sle
     os.kill(silent.pid, signal.SIGCONT)
     time.sleep(0.1)
     assert silent.poll() is None
+
+
+# --- restart_child's window, in this process (each restart forks a child that exits at once) ---
+
+EXITED_1 = 1 << 8  # the wait status of a child that exited with 1
+
+
+@pytest.fixture
+def counters() -> Iterator[SupervisorCounters]:
+    name = f"/rinha-test-metrics-{uuid4().hex[:10]}"
+    segment = Metrics.create_or_open(name)
+    yield SupervisorCounters(segment)
+    segment.close()
+    Metrics.unlink(name)
+
+
+def restart_after(deaths_ago_s: list[float], counters: SupervisorCounters) -> ChildSpec:
+    """restart_child after earlier deaths that long ago; the child, respawned or not."""
+    child = ChildSpec("kid", lambda: None, slot=5)
+    now = time.monotonic()
+    child.restarts = [now - ago for ago in deaths_ago_s]
+    Supervisor([child], counters=counters).restart_child(child, EXITED_1)
+    if child.pid is not None:
+        os.waitpid(child.pid, 0)
+    return child
+
+
+def test_deaths_older_than_the_window_do_not_count(counters):
+    child = restart_after([RESTART_WINDOW_S + 1] * 30, counters)
+    assert child.pid is not None  # restarted
+    assert len(child.restarts) == 1
+    assert counters.words[metrics.CHILD_RESTARTS + 5] == 1
+
+
+def test_the_allowed_deaths_within_the_window_restart_one_more_halts(counters):
+    assert restart_after([1.0] * (RESTARTS_PER_WINDOW - 1), counters).pid is not None
+    assert restart_after([1.0] * RESTARTS_PER_WINDOW, counters).pid is None  # halted
