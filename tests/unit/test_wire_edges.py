@@ -1,0 +1,77 @@
+"""wire: the edges mutation testing found untested (tests/mutation): what a queue record is, a
+control record's magic, negative cents, offsets up to 23:59, one-character instance names, the
+first values out of a cell's range."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+import pytest
+
+from rinha import wire
+
+ID = uuid4().bytes
+
+
+@pytest.mark.parametrize(
+    ("record", "is_payment"),
+    [
+        (wire.encode_payment(ID, 1), True),
+        (wire.encode_payment(ID, wire.MAX_AMOUNT_CENTS), True),
+        (wire.encode_payment(ID, 0), False),  # never queued: parse_payment refuses it
+        (wire.encode_payment(ID, -1990), False),
+        (wire.encode_control(wire.CONTROL_PURGED), False),
+        (wire.encode_payment(ID, 1990) + b"\0", False),
+        (wire.encode_payment(ID, 1990)[:-1], False),
+        (b"", False),
+    ],
+)
+def test_is_payment_record(record: bytes, is_payment: bool) -> None:
+    assert wire.is_payment_record(record) is is_payment
+
+
+@pytest.mark.parametrize("magic", [b"ABCD", b"CTRK", b"CTRM", b"ZZZZ"])
+def test_a_control_record_needs_its_exact_magic(magic: bytes) -> None:
+    assert wire.decode_control(wire.CONTROL_RECORD.pack(magic, wire.CONTROL_PURGED)) is None
+    assert wire.decode_control(wire.encode_control(wire.CONTROL_PURGED)) == wire.CONTROL_PURGED
+
+
+@pytest.mark.parametrize(("cents", "text"), [(-1, "-0.01"), (-100, "-1.00"), (-199, "-1.99")])
+def test_format_cents_of_small_negative_amounts(cents: int, text: str) -> None:
+    assert wire.format_cents(cents) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "second"),
+    [
+        ("2025-07-10T12:34:56+23:00", 1_752_150_896 - 23 * 3600),
+        ("2025-07-10T12:34:56-23:59", 1_752_150_896 + 23 * 3600 + 59 * 60),
+    ],
+)
+def test_offsets_up_to_23_59_are_instants(text: str, second: int) -> None:
+    assert wire.parse_instant(text) == wire.Instant(second, False)
+
+
+@pytest.mark.parametrize("origin", ["a", "ab", "abc", "x" * wire.NAME_MAX])
+@pytest.mark.parametrize("subject", ["b", "cd", "y" * wire.NAME_MAX])
+def test_names_of_any_allowed_length_round_trip(origin: str, subject: str) -> None:
+    cells = [(1_752_150_896, 1, 3, 300)]
+    [datagram] = wire.encode_cells(wire.CELLS, origin, subject, cells, 7)
+    kind, nonce, got_origin, payload = wire.decode_datagram(datagram)
+    assert (kind, nonce, got_origin) == (wire.CELLS, 7, origin)
+    assert wire.decode_cells(payload) == (subject, cells)
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [(0, 0, wire.COUNT_LIMIT, 0), (0, 0, 1, wire.CENTS_LIMIT)],
+    ids=["count", "cents"],
+)
+def test_the_first_count_and_cents_out_of_range_are_refused(cell) -> None:
+    second, processor, count, cents = cell
+    fits = (second, processor, min(count, wire.COUNT_LIMIT - 1), min(cents, wire.CENTS_LIMIT - 1))
+    [ok] = wire.encode_cells(wire.CELLS, "a", "a", [fits])
+    assert wire.decode_cells(wire.decode_datagram(ok)[3]) == ("a", [fits])
+    [datagram] = wire.encode_cells(wire.CELLS, "a", "a", [cell])
+    with pytest.raises(wire.MalformedDatagram, match="out of range"):
+        wire.decode_cells(wire.decode_datagram(datagram)[3])
