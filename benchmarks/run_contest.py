@@ -53,6 +53,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -336,8 +337,10 @@ def build_result(
     sampler_rows: Sequence[Mapping],
     cgroups: Mapping[str, Mapping],
     files: Mapping[str, str],
+    instances_at_end: Mapping[str, Mapping] | None = None,
 ) -> dict:
-    """Everything result.json holds; `timeline` is what timeline.png draws."""
+    """Everything result.json holds; `timeline` is what timeline.png draws.
+    `instances_at_end`: each instance's /status `conservation` once k6 was done."""
     t0_ms = samples.t0_ms
     run_score = score_from_k6_summary(k6_summary) if k6_summary else None
     all_durations = [r.duration_ms for r in samples.requests]
@@ -377,6 +380,7 @@ def build_result(
             "p99_ms_from_samples": percentile(all_durations, 0.99) if all_durations else None,
         },
         "cgroups": {name: dict(usage) for name, usage in cgroups.items()},
+        "instances_at_end": {name: dict(c) for name, c in (instances_at_end or {}).items()},
         "timeline": timeline,
         "files": dict(files),
     }
@@ -440,6 +444,20 @@ def format_table(result: Mapping) -> str:
                 continue
             for expr, ok in verdicts.items():
                 lines.append(f"  threshold          {metric} {expr}: {'ok' if ok else 'CROSSED'}")
+    ends = result.get("instances_at_end") or {}
+    if ends:
+        # What each instance says of itself at the end (/status): every payment it answered 202
+        # is recorded, refused as a duplicate, or still held; difference 0 is consistent.
+        lines.append(f"  {'instance':<8} {'accepted':>9} {'recorded':>9} {'duplicates':>10}"
+                     f" {'held':>6} {'queued':>7} {'difference':>11}   (its own /status)")
+        for name, e in ends.items():
+            if "error" in e:
+                lines.append(f"  {name:<8} /status unreadable: {e['error']}")
+                continue
+            lines.append(
+                f"  {name:<8} {e['accepted']:>9,} {e['recorded']:>9,}"
+                f" {e['refusedAsDuplicates']:>10,} {e['heldInTable']:>6,}"
+                f" {e['inKernelQueue']:>7,} {e['difference']:>11,}")
     cgroups = result["cgroups"]
     if cgroups:
         lines.append(f"  {'cgroup':<8} {'CPU s':>8} {'quota':>6} {'peak mem MB':>12}"
@@ -875,9 +893,11 @@ class ProductStack:
     stopping it (SIGTERM, then SIGKILL to its session after STACK_STOP_TIMEOUT_S) stops all.
     """
 
-    def __init__(self, limits: str, run_dir: Path, out_dir: Path) -> None:
+    def __init__(self, limits: str, run_dir: Path, out_dir: Path,
+                 compose: Path | None = None) -> None:
         self.limits = limits
         self.run_dir = run_dir
+        self.compose = compose
         self.log_path = out_dir / "stack.log"
         self.process: Launched | None = None
         self.output: Output | None = None
@@ -886,6 +906,8 @@ class ProductStack:
     def start(self) -> None:
         argv = [sys.executable, "-m", "rinha", "stack", "--limits", self.limits,
                 "--run-dir", str(self.run_dir)]
+        if self.compose is not None:
+            argv += ["--compose", str(self.compose)]
         print(f"starting: {' '.join(argv[1:])}", flush=True)
         self.process = Launched(argv, cwd=REPO)
         self.output = Output("stack", self.process, self.log_path, "  stack: ",
@@ -1087,6 +1109,27 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def instances_at_end(info: Mapping, timeout_s: float = 15.0) -> dict[str, dict]:
+    """Each instance's /status `conservation` once it has settled (nothing held or queued), or
+    as it is at `timeout_s`: the run's consistency as the instances count it themselves."""
+    ends: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    for name, entry in sorted((info.get("instances") or {}).items()):
+        while True:
+            try:
+                with urllib.request.urlopen(f"{entry['url']}/status", timeout=2) as answer:
+                    conservation = json.loads(answer.read())["conservation"]
+            except (OSError, ValueError, KeyError) as exc:
+                ends[name] = {"error": str(exc)}
+                break
+            ends[name] = conservation
+            if (conservation["heldInTable"] == 0 and conservation["inKernelQueue"] == 0) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    return ends
+
+
 def processed_per_second(
     processors: Mapping[str, str], first_s: int, last_s: int, token: str = ADMIN_TOKEN
 ) -> dict[str, dict[int, int]]:
@@ -1263,6 +1306,15 @@ def draw_timeline(result: Mapping, path: Path) -> None:
         shade(ax)
 
     axes[-1].set_xlabel("seconds since the scenarios started")
+    ends = result.get("instances_at_end") or {}
+    if ends:
+        # What the instances say of themselves at the end (their /status conservation check).
+        told = "; ".join(
+            f"{name}: accepted {e['accepted']:,}, recorded {e['recorded']:,}, held "
+            f"{e['heldInTable'] + e['inKernelQueue']:,}, difference {e['difference']}"
+            if "error" not in e else f"{name}: /status unreadable"
+            for name, e in ends.items())
+        fig.text(0.01, 0.995, f"at the end, by their own count: {told}", fontsize=7, va="top")
     legend = [Patch(color=SHADE[key], alpha=0.6, label=f"{key[0]} {key[1]}") for key in SHADE]
     fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
@@ -1292,6 +1344,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              " env P99_BUDGET_MS)")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR,
                         help="where the timestamped result folder goes")
+    parser.add_argument("--compose", type=Path, default=None,
+                        help="the product's compose file (default: the repository's): a copy "
+                             "with another environment measures a variant, e.g. WORKERS=1")
     parser.add_argument("--floor", action="store_true",
                         help="run k6 against nginx answering by itself (no rinha): this"
                              " machine's floor, the p99 every product figure is stated against")
@@ -1404,7 +1459,10 @@ def run(args: argparse.Namespace, mode: str, k6: str, version: str, limits: str,
     """One run (product or floor) into `out_dir`: (exit status, result.json's content)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"rinha-bench-{mode}-"))
     cond = conditions(args, limits, version, mode)
-    stack = (FloorStack if mode == "floor" else ProductStack)(limits, run_dir, out_dir)
+    if mode == "floor":
+        stack: FloorStack | ProductStack = FloorStack(limits, run_dir, out_dir)
+    else:
+        stack = ProductStack(limits, run_dir, out_dir, args.compose)
     k6_run: Launched | None = None
     sampler: Sampler | None = None
     done = False
@@ -1493,6 +1551,7 @@ def run(args: argparse.Namespace, mode: str, k6: str, version: str, limits: str,
             end_ms = max((r.t_ms for r in samples.requests), default=t0_ms)
             processed = processed_per_second(processors, t0_ms // 1000 - 1, end_ms // 1000 + 2,
                                              k6_env["ADMIN_TOKEN"])
+        ends = instances_at_end(info) if mode == "product" else {}
     finally:
         cleanup()
         atexit.unregister(cleanup)
@@ -1504,7 +1563,7 @@ def run(args: argparse.Namespace, mode: str, k6: str, version: str, limits: str,
     }
     result = build_result(
         conditions=cond, k6_summary=k6_summary, k6_exit_code=exit_code, samples=samples,
-        processed=processed, sampler_rows=sampler.rows, cgroups=usage,
+        processed=processed, sampler_rows=sampler.rows, cgroups=usage, instances_at_end=ends,
         files={"dir": str(out_dir), "k6_csv": csv_path.name, "k6_summary": summary_path.name,
                "k6_log": "k6.log", "stack_log": "stack.log" if mode == "product" else None,
                "stack_json": "stack.json", "stack_run_dir": str(run_dir),

@@ -313,7 +313,7 @@ def test_result_shape():
     result = _result(summary, ["api1", "api2", "nginx"])
     assert json.loads(json.dumps(result)) == result  # plain JSON all the way down
     assert set(result) == {"schema", "conditions", "score", "k6", "http", "cgroups",
-                           "timeline", "files"}
+                           "instances_at_end", "timeline", "files"}
     # By hand: 238.80 - fees (199.00 x 5 % + 39.80 x 15 % = 15.92) = 222.88, x 1.16 (p99 3 ms).
     assert result["score"]["final"] == 258.54
     assert result["http"]["requests"] == 6
@@ -571,3 +571,15 @@ def test_runs_started_within_one_second_get_their_own_folder(tmp_path):
     assert [p.name for p in (first, second, third)] == [
         "20250101-000000", "20250101-000000-2", "20250101-000000-3"]
     assert all(p.is_dir() for p in (first, second, third))
+
+
+def test_the_table_shows_what_each_instance_says_of_itself_at_the_end():
+    result = _result(_k6_summary(), ["api1", "api2", "nginx"])
+    result["instances_at_end"] = {
+        "api1": {"accepted": 8375, "recorded": 8374, "refusedAsDuplicates": 1,
+                 "heldInTable": 0, "inKernelQueue": 0, "difference": 0},
+        "api2": {"error": "connection refused"},
+    }
+    table = rc.format_table(result)
+    assert "  api1         8,375     8,374          1      0       0           0" in table
+    assert "api2     /status unreadable: connection refused" in table
