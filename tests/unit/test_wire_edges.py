@@ -75,3 +75,30 @@ def test_the_first_count_and_cents_out_of_range_are_refused(cell) -> None:
     [datagram] = wire.encode_cells(wire.CELLS, "a", "a", [cell])
     with pytest.raises(wire.MalformedDatagram, match="out of range"):
         wire.decode_cells(wire.decode_datagram(datagram)[3])
+
+
+@pytest.mark.parametrize("text", ["19.906", "0.016", "1.005", "999999.996"])
+def test_parse_cents_refuses_a_third_decimal_whichever_way_it_would_round(text: str) -> None:
+    assert wire.parse_cents(text) is None
+
+
+def test_an_instant_text_may_be_1024_characters_and_no_more() -> None:
+    head, tail = "2025-07-10T12:34:56.", "Z"
+    longest = head + "0" * (1024 - len(head) - len(tail)) + tail
+    assert wire.parse_instant(longest) == wire.Instant(1_752_150_896, False)
+    assert wire.parse_instant(longest[:-1] + "0Z") is None  # 1025 characters
+
+
+@pytest.mark.parametrize("magic", [b"ZQ", b"RZ", b"AQ"])
+def test_a_datagram_needs_the_exact_magic(magic: bytes) -> None:
+    datagram = wire.encode_datagram(wire.CELLS, "a", 0, b"")
+    with pytest.raises(wire.MalformedDatagram, match="unknown datagram"):
+        wire.decode_datagram(magic + datagram[2:])
+
+
+@pytest.mark.parametrize("cell", [(0, 0, 1, wire.CENTS_LIMIT * 2), (0, 0, 1, 2**64 - 1),
+                                  (0, 0, wire.COUNT_LIMIT * 2, 1), (0, 0, 2**32 - 1, 1)])
+def test_values_far_out_of_range_are_refused_too(cell) -> None:
+    [datagram] = wire.encode_cells(wire.CELLS, "a", "a", [cell])
+    with pytest.raises(wire.MalformedDatagram, match="out of range"):
+        wire.decode_cells(wire.decode_datagram(datagram)[3])
