@@ -27,6 +27,7 @@ from tests.unit.test_peers import (
 )
 
 CELLS = [(T0, DEFAULT, 3, 30), (T0 + 1, DEFAULT, 1, 10)]
+THIRDS = [(T0 + 2, DEFAULT, 4, 40)]
 
 
 @pytest.fixture
@@ -49,19 +50,29 @@ def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
         sock.close()
 
 
-@pytest.mark.parametrize("order", [["done", "cells"], ["cells", "cells", "done"]],
-                         ids=["the count before the cells", "the cells twice"])
-def test_recover_from_peers_takes_an_answer_reordered_or_duplicated(ledger, sockets, order):
+@pytest.mark.parametrize(
+    "order",
+    [["done", "cells", "mirror"], ["cells", "cells", "mirror", "done"],
+     ["garbage", "cells", "mirror", "done"]],
+    ids=["the count before the cells", "the cells twice", "garbage first"])
+def test_recover_from_peers_takes_an_answer_reordered_duplicated_or_after_garbage(
+    ledger, sockets, order
+):
+    """The peer's answer: our cells, its mirror of a third instance, and the count (2)."""
     mine, peer = sockets
 
     def answer() -> None:
         peer.settimeout(2.0)
         data, address = peer.recvfrom(2048)
         nonce = wire.decode_datagram(data)[1]
-        [cells] = cells_of(ME, CELLS, wire.RECOVERY, nonce, PEER_NAME)
-        done = wire.encode_recovery_done(PEER_NAME, nonce, 1)
+        datagrams = {
+            "cells": cells_of(ME, CELLS, wire.RECOVERY, nonce, PEER_NAME)[0],
+            "mirror": cells_of("third", THIRDS, wire.RECOVERY, nonce, PEER_NAME)[0],
+            "done": wire.encode_recovery_done(PEER_NAME, nonce, 2),
+            "garbage": b"RQ not a datagram",
+        }
         for what in order:
-            peer.sendto(done if what == "done" else cells, address)
+            peer.sendto(datagrams[what], address)
 
     answering = threading.Thread(target=answer, daemon=True)
     answering.start()
@@ -69,6 +80,7 @@ def test_recover_from_peers_takes_an_answer_reordered_or_duplicated(ledger, sock
     assert recover_from_peers(settings, ledger, mine) == 1
     answering.join(5)
     assert own_cells(ledger, OWN) == CELLS
+    assert own_cells(ledger, ledger.mirrors()["third"]) == THIRDS
 
 
 def test_a_silent_peer_is_asked_again_over_the_whole_timeout(ledger, sockets):
