@@ -89,6 +89,35 @@ NGINX_CONF = REPO / "nginx.conf"
 FLOOR_PORT = 9999
 FLOOR_PROCESSOR_PORTS = (8001, 8002)
 FLOOR_UNUSED_UPSTREAMS = ("127.0.0.1:9001", "127.0.0.1:9002")  # nothing proxies there
+# --floor-hop: the product's nginx.conf as it is, its two upstreams the cheapest possible
+# instances (an nginx with the product's WORKERS answering by itself), in the APIs' cgroups.
+HOP_UPSTREAM_CONF = """\
+# The hop floor (benchmarks/run_contest.py --floor-hop): a stand-in instance answering itself.
+daemon off;
+worker_processes {workers};
+pid {run_dir}/{name}.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {run_dir}/{name}-body;
+    proxy_temp_path {run_dir}/{name}-proxy;
+    fastcgi_temp_path {run_dir}/{name}-fastcgi;
+    uwsgi_temp_path {run_dir}/{name}-uwsgi;
+    scgi_temp_path {run_dir}/{name}-scgi;
+    server {{
+        listen {listen};
+        location / {{ return 202; }}
+        location = /payments-summary {{
+            default_type application/json;
+            return 200 '{{"default":{{"totalRequests":0,"totalAmount":0}},\
+"fallback":{{"totalRequests":0,"totalAmount":0}}}}';
+        }}
+    }}
+}}
+"""
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -405,7 +434,7 @@ def format_table(result: Mapping) -> str:
     s = result["score"]
     k6 = (result["k6"] or {}).get("summary") or {}
     lines = [f"rinha local contest run, {c.get('started_at', '?')}"]
-    if c.get("mode") == "floor":
+    if c.get("mode") in ("floor", "floor-hop"):
         lines = [f"floor run (nginx answering by itself, no rinha), {c.get('started_at', '?')}",
                  "  the floor's score, lag and payments describe no backend: read its p99 and CPU"]
     if s is None:
@@ -949,12 +978,17 @@ class FloorStack:
     nginx gets nginx's docker-compose.yml limits in a cgroup when limits are on.
     """
 
-    def __init__(self, limits: str, run_dir: Path, out_dir: Path) -> None:
+    def __init__(self, limits: str, run_dir: Path, out_dir: Path, hop: bool = False) -> None:
+        """`hop`: nginx keeps its locations and proxies to two stand-in instances (nginx
+        answering by itself with the product's WORKERS) in the APIs' cgroups: what the
+        product's shape costs with instances that cost nothing."""
         self.limits = limits
         self.run_dir = run_dir
+        self.hop = hop
         self.processes: dict[str, Launched] = {}
         self.cgroup_parent: str | None = None
         self.cgroup: dict[str, str] = {}
+        self.hop_cgroups: dict[str, dict[str, str]] = {}
         self.info: dict = {}
 
     def start(self) -> None:
@@ -963,15 +997,20 @@ class FloorStack:
         if taken:
             raise RunError(f"ports already in use: {', '.join(taken)} (another stack or run?)")
         conf = self.run_dir / "nginx.conf"
-        conf.write_text(floor_nginx_conf(render_local(
+        rendered = render_local(
             NGINX_CONF.read_text(), api_addrs=FLOOR_UNUSED_UPSTREAMS,
-            listen=f"127.0.0.1:{FLOOR_PORT}", run_dir=str(self.run_dir))))
+            listen=f"127.0.0.1:{FLOOR_PORT}", run_dir=str(self.run_dir))
+        conf.write_text(rendered if self.hop else floor_nginx_conf(rendered))
         if self.limits == "contest":
             _remove_stale_floor_cgroups()
-            limit = compose_limits.load_limits(COMPOSE)["nginx"]
+            limits = compose_limits.load_limits(COMPOSE)
             self.cgroup_parent = f"rinha-floor-{os.getpid()}"
-            self.cgroup = cgroups.make(self.cgroup_parent, "nginx", limit.cpus,
-                                       limit.memory_bytes)
+            self.cgroup = cgroups.make(self.cgroup_parent, "nginx", limits["nginx"].cpus,
+                                       limits["nginx"].memory_bytes)
+            if self.hop:
+                for api in ("api1", "api2"):
+                    self.hop_cgroups[api] = cgroups.make(
+                        self.cgroup_parent, api, limits[api].cpus, limits[api].memory_bytes)
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         argvs = {
             f"processor-{role}": [sys.executable, "-m", "rinha", "processor", "--port", str(port),
@@ -979,19 +1018,32 @@ class FloorStack:
             for role, port, fee in zip(("default", "fallback"), FLOOR_PROCESSOR_PORTS,
                                        ("0.05", "0.15"), strict=True)
         }
+        if self.hop:
+            workers = compose_limits.service_environment(
+                compose_limits.api_services(compose_limits.load_compose(COMPOSE))["api1"]
+            ).get("WORKERS", "1")
+            for api, listen in zip(("api1", "api2"), FLOOR_UNUSED_UPSTREAMS, strict=True):
+                stand_in = self.run_dir / f"{api}.conf"
+                stand_in.write_text(HOP_UPSTREAM_CONF.format(
+                    workers=workers, run_dir=self.run_dir, name=api, listen=listen))
+                argvs[api] = [nginx, "-p", f"{self.run_dir}/", "-e", "stderr", "-c",
+                              str(stand_in)]
         argvs["nginx"] = [nginx, "-p", f"{self.run_dir}/", "-e", "stderr", "-c", str(conf)]
         print(f"starting the floor: both emulators and nginx alone on :{FLOOR_PORT}"
               f" (limits {self.limits}), logs in {self.run_dir}", flush=True)
         for name, argv in argvs.items():
             self.processes[name] = Launched(
                 argv, cwd=REPO, log_path=self.run_dir / f"{name}.log",
-                cgroup=self.cgroup if name == "nginx" else None)
+                cgroup=self.cgroup if name == "nginx" else self.hop_cgroups.get(name))
 
     def wait_ready(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         urls = {name: f"http://127.0.0.1:{port}" for name, port in (
             ("processor-default", FLOOR_PROCESSOR_PORTS[0]),
             ("processor-fallback", FLOOR_PROCESSOR_PORTS[1]), ("nginx", FLOOR_PORT))}
+        urls.update({api: f"http://{addr}" for api, addr in zip(("api1", "api2"),
+                                                                 FLOOR_UNUSED_UPSTREAMS,
+                                                                 strict=True)})
         for name, process in self.processes.items():
             # An emulator is up when its port is (as for `rinha stack`): its health endpoint
             # answers once per 5 s only. nginx is up when it answers the summary.
@@ -1012,7 +1064,8 @@ class FloorStack:
             "mode": "floor", "limits": self.limits, "run_dir": str(self.run_dir),
             "nginx": entry("nginx"),
             "processors": {role: entry(f"processor-{role}") for role in ("default", "fallback")},
-            "instances": {}, "cgroups": {"nginx": self.cgroup} if self.cgroup else {},
+            "instances": {},
+            "cgroups": ({"nginx": self.cgroup, **self.hop_cgroups} if self.cgroup else {}),
         }
         (self.run_dir / "stack.json").write_text(json.dumps(self.info, indent=2))
         print(f"  floor ready: nginx pid {self.info['nginx']['pid']}", flush=True)
@@ -1023,7 +1076,7 @@ class FloorStack:
         for process in reversed(processes.values()):
             process.stop(grace_s=STACK_STOP_TIMEOUT_S)
         if self.cgroup_parent is not None:
-            cgroups.remove(self.cgroup_parent, [self.cgroup])
+            cgroups.remove(self.cgroup_parent, [self.cgroup, *self.hop_cgroups.values()])
             self.cgroup_parent = None
 
 
@@ -1353,6 +1406,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, metavar="N",
                         help="N rounds of floor and product; prints the medians of each and"
                              " the product/floor p99 ratio, writes summary.json")
+    parser.add_argument("--floor-hop", action="store_true",
+                        help="the product's nginx.conf proxying to two stand-in instances "
+                             "(nginx answering by itself, in the APIs' cgroups): what the "
+                             "shape costs when the instances cost nothing")
     parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                         help="with --repeat: floor, product, floor, product... (default); "
                              "--no-interleave runs every floor first")
@@ -1404,8 +1461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.repeat is not None:
             out_dir = _new_dir(args.results_dir / f"{name}-repeat")
             return run_repeat(args, k6, version, limits, out_dir)
-        mode = "floor" if args.floor else "product"
-        out_dir = _new_dir(args.results_dir / (f"{name}-floor" if args.floor else name))
+        mode = "floor" if args.floor else "floor-hop" if args.floor_hop else "product"
+        out_dir = _new_dir(args.results_dir / (name if mode == "product" else f"{name}-{mode}"))
         status, _ = run(args, mode, k6, version, limits, out_dir)
         return status
     except RunError as exc:
@@ -1459,8 +1516,9 @@ def run(args: argparse.Namespace, mode: str, k6: str, version: str, limits: str,
     """One run (product or floor) into `out_dir`: (exit status, result.json's content)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"rinha-bench-{mode}-"))
     cond = conditions(args, limits, version, mode)
-    if mode == "floor":
-        stack: FloorStack | ProductStack = FloorStack(limits, run_dir, out_dir)
+    if mode in ("floor", "floor-hop"):
+        stack: FloorStack | ProductStack = FloorStack(limits, run_dir, out_dir,
+                                                      hop=mode == "floor-hop")
     else:
         stack = ProductStack(limits, run_dir, out_dir, args.compose)
     k6_run: Launched | None = None
