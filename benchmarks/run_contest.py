@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 from rinha_lab import cgroups, compose_limits
 from rinha_lab.launcher import Launched
 from rinha_lab.nginx_conf import render_local
+from rinha_lab.stack import port_free
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "k6" / "contest.js"
@@ -993,7 +994,7 @@ class FloorStack:
 
     def start(self) -> None:
         taken = [str(port) for port in (FLOOR_PORT, *FLOOR_PROCESSOR_PORTS)
-                 if not _port_free("127.0.0.1", port)]
+                 if not port_free("127.0.0.1", port)]
         if taken:
             raise RunError(f"ports already in use: {', '.join(taken)} (another stack or run?)")
         conf = self.run_dir / "nginx.conf"
@@ -1120,16 +1121,6 @@ def _port_open(url: str) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((parts.hostname, parts.port or 80)) == 0
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _pids_in(info: Mapping) -> list[int]:

@@ -21,6 +21,8 @@ import time
 
 import posix_ipc
 
+from rinha import shm
+
 SLOTS = 128  # children of one supervisor: up to 64 workers plus the dispatcher, and room
 BEAT_INTERVAL_S = 1.0
 _HEADER = struct.Struct("<8sII")  # magic, version, slots
@@ -37,9 +39,7 @@ class Heartbeats:
 
     @classmethod
     def create_or_open(cls, name: str) -> Heartbeats:
-        memory = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, size=_SIZE)
-        view = mmap.mmap(memory.fd, _SIZE)
-        memory.close_fd()
+        view = shm.map_segment(name, posix_ipc.O_CREAT, _SIZE)
         # Old beats of a previous instance mean nothing to this one: start from zero.
         view[:] = bytes(_SIZE)
         _HEADER.pack_into(view, 0, _MAGIC, _VERSION, SLOTS)
@@ -47,11 +47,7 @@ class Heartbeats:
 
     @staticmethod
     def unlink(name: str) -> bool:
-        try:
-            posix_ipc.unlink_shared_memory(name)
-        except posix_ipc.ExistentialError:
-            return False
-        return True
+        return shm.unlink(name)
 
     def close(self) -> None:
         self._view.close()

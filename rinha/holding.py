@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import posix_ipc
 
 from native_ledger._mqueue import receive_into
-from rinha import wire
+from rinha import shm, wire
 
 FREE = 0
 QUEUED = 1
@@ -80,28 +80,22 @@ class HeldPayment:
 class HoldingTable:
     """A fixed array of 64-byte slots in a POSIX shared-memory segment."""
 
-    def __init__(self, memory: posix_ipc.SharedMemory, view: mmap.mmap, capacity: int) -> None:
-        self._memory = memory
+    def __init__(self, view: mmap.mmap, capacity: int) -> None:
         self._view = view
         self.capacity = capacity
         self._free_slots: list[int] = []  # filled by claim(): the dispatcher's to hand out
 
     @classmethod
     def create(cls, name: str, capacity: int) -> HoldingTable:
-        size = _HEADER_SIZE + capacity * SLOT_SIZE
-        memory = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
-        view = mmap.mmap(memory.fd, size)
-        memory.close_fd()
+        view = shm.map_segment(name, posix_ipc.O_CREX, _HEADER_SIZE + capacity * SLOT_SIZE)
         _HEADER.pack_into(view, 0, _MAGIC, _VERSION, capacity)
         _STAGING.pack_into(view, _STAGING_OFFSET, -1)
-        return cls(memory, view, capacity)
+        return cls(view, capacity)
 
     @classmethod
     def open(cls, name: str) -> HoldingTable:
-        memory = posix_ipc.SharedMemory(name)
-        size = memory.size
-        view = mmap.mmap(memory.fd, size)
-        memory.close_fd()
+        view = shm.map_segment(name)
+        size = len(view)
         magic, version, capacity = _HEADER.unpack_from(view, 0)
         if magic != _MAGIC or version != _VERSION:
             view.close()
@@ -109,15 +103,11 @@ class HoldingTable:
         if size < _HEADER_SIZE + capacity * SLOT_SIZE:
             view.close()
             raise ValueError(f"{name} is smaller than its {capacity} slots")
-        return cls(memory, view, capacity)
+        return cls(view, capacity)
 
     @staticmethod
     def unlink(name: str) -> bool:
-        try:
-            posix_ipc.unlink_shared_memory(name)
-        except posix_ipc.ExistentialError:
-            return False
-        return True
+        return shm.unlink(name)
 
     def close(self) -> None:
         self._view.close()

@@ -21,6 +21,8 @@ import time
 
 import posix_ipc
 
+from rinha import shm
+
 # The routes and statuses a worker counts requests by; anything else is counted as "other".
 ROUTES = ("POST /payments", "GET /payments-summary", "POST /purge-payments", "GET /health",
           "GET /status", "GET /metrics", "other")
@@ -100,9 +102,7 @@ class Metrics:
     def create_or_open(cls, name: str) -> Metrics:
         """Open the instance's segment, or create it zeroed (a crashed instance's is kept:
         its counts belong with the queue and table it left)."""
-        memory = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT, size=_SIZE)
-        view = mmap.mmap(memory.fd, _SIZE)
-        memory.close_fd()
+        view = shm.map_segment(name, posix_ipc.O_CREAT, _SIZE)
         magic, version, _, _ = _HEADER.unpack_from(view, 0)
         if (magic, version) != (_MAGIC, _VERSION):
             view[:] = bytes(_SIZE)
@@ -111,11 +111,7 @@ class Metrics:
 
     @staticmethod
     def unlink(name: str) -> bool:
-        try:
-            posix_ipc.unlink_shared_memory(name)
-        except posix_ipc.ExistentialError:
-            return False
-        return True
+        return shm.unlink(name)
 
     def close(self) -> None:
         try:

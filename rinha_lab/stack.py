@@ -210,7 +210,7 @@ class Stack:
         # this one print "ready" and then die, or worse, share a port through SO_REUSEPORT.
         taken = [f"{port} ({'udp' if kind == socket.SOCK_DGRAM else 'tcp'})"
                  for child in children for host, port, kind in child.ports
-                 if not _port_free(host, port, kind)]
+                 if not port_free(host, port, kind)]
         if taken:
             raise PortsTaken(
                 f"ports already in use: {', '.join(taken)}. Another rinha stack (or another "
@@ -377,7 +377,7 @@ def _answers(url: str, path: str | None) -> bool:
         connection.close()
 
 
-def _port_free(host: str, port: int, kind: int) -> bool:
+def port_free(host: str, port: int, kind: int = socket.SOCK_STREAM) -> bool:
     """Whether nobody listens (TCP) or is bound (UDP) there: a plain bind, no SO_REUSEPORT."""
     with socket.socket(socket.AF_INET, kind) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
