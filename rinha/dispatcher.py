@@ -23,18 +23,16 @@ import socket
 import time
 from collections.abc import Callable
 
-import httpx
 import posix_ipc
 
-from rinha import routing, wire
+from rinha import wire
 from rinha.health import HealthPoller, HealthReport
 from rinha.heartbeat import BEAT_INTERVAL_S
 from rinha.holding import QUEUED, RECORDING, SENDING, HeldPayment, HoldingTable
 from rinha.ledger import PROCESSOR_NAMES, Ledger
 from rinha.metrics import DispatcherCounters
-from rinha.mirror import Carrier
+from rinha.mirror import open_carrier
 from rinha.outcomes import CONFIRM, DUPLICATE, RECORD, UNKNOWN, classify, judge_stored
-from rinha.peers import PeerSync
 from rinha.recorder import Recorder
 from rinha.router import Router
 from rinha.sender import Sender
@@ -61,15 +59,7 @@ class Dispatcher:
         self._table = table
         self._heartbeat = heartbeat
         self._counters = counters
-        self._peer: Carrier | None = None
-        if sync_socket is not None:
-            self._peer = PeerSync(settings, ledger, sync_socket, on_health=self._on_health,
-                                  counters=counters)
-        elif settings.sync_url is not None:
-            from rinha.redis_sync import RedisSync  # the rinha[redis] extra: only if used
-
-            self._peer = RedisSync(settings, ledger, on_health=self._on_health,
-                                   counters=counters)
+        self._peer = open_carrier(settings, ledger, sync_socket, self._on_health, counters)
         self._router = Router(settings, time.monotonic())
         self._recorder = Recorder(table, ledger, self._peer, counters)
         self._sender = Sender(settings, counters)
@@ -95,13 +85,9 @@ class Dispatcher:
             self._peer.start(self._loop)
         self._start_reading_queue()
         self._beat()
-        if self._settings.health_poll:
-            watched = [routing.DEFAULT]
-            if self._settings.fallback_after_s > 0:
-                watched.append(routing.FALLBACK)
-            client = httpx.AsyncClient(transport=self._sender.transport, timeout=5.0)
-            poller = HealthPoller(client, self._settings.processor_urls, watched,
-                                  self._settings.health_interval_s, self._on_polled_health)
+        poller = HealthPoller.configured(self._settings, self._sender.transport,
+                                         self._on_polled_health)
+        if poller is not None:
             self._spawn(poller.run())
         self._drain_queue()
         while not self._stopping:
@@ -146,20 +132,11 @@ class Dispatcher:
         if self._heartbeat is not None:
             self._heartbeat()
         if self._counters is not None:
-            self._publish_gauges()
+            self._counters.router_state(self._sender.in_flight, self._router.counts(),
+                                        self._router.circuit_states(time.monotonic(),
+                                                                    time.time_ns() // 1_000_000))
         assert self._loop is not None
         self._loop.call_later(BEAT_INTERVAL_S, self._beat)
-
-    def _publish_gauges(self) -> None:
-        assert self._counters is not None
-        counts = self._router.counts()
-        self._counters.gauges(self._sender.in_flight, counts["waiting"], counts["pinned"],
-                              counts["parked"])
-        now, wall_ms = time.monotonic(), time.time_ns() // 1_000_000
-        for processor in (routing.DEFAULT, routing.FALLBACK):
-            state, since, failures = self._router.circuit_state(processor)
-            since_ms = wall_ms - int((now - since) * 1000) if since else 0
-            self._counters.circuit(processor, state, since_ms, failures)
 
     # Queue -> holding table -----------------------------------------------------------------
 

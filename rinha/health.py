@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import httpx
 import orjson
 
+from rinha.ledger import DEFAULT, FALLBACK
+from rinha.settings import Settings
+
 log = logging.getLogger("rinha.health")
 
 
@@ -55,6 +58,18 @@ class HealthPoller:
         self._processors = processors
         self._interval_s = interval_s
         self._on_report = on_report
+
+    @classmethod
+    def configured(cls, settings: Settings, transport: httpx.AsyncBaseTransport,
+                   on_report: Callable[[HealthReport], None]) -> HealthPoller | None:
+        """The poller of an instance with HEALTH_POLL=1 (else None): the default processor,
+        and the fallback too when payments may go there (FALLBACK_AFTER_S > 0)."""
+        if not settings.health_poll:
+            return None
+        watched = [DEFAULT] if settings.fallback_after_s <= 0 else [DEFAULT, FALLBACK]
+        client = httpx.AsyncClient(transport=transport, timeout=5.0)
+        return cls(client, settings.processor_urls, watched, settings.health_interval_s,
+                   on_report)
 
     async def run(self) -> None:
         while True:

@@ -175,6 +175,13 @@ class DispatcherCounters:
         self.words[GAUGES:GAUGES + 4] = memoryview(
             struct.pack("<4Q", in_flight, waiting, pinned, parked)).cast("Q")
 
+    def router_state(self, in_flight: int, counts: dict[str, int],
+                     circuits: list[tuple[int, int, int]]) -> None:
+        """What the dispatcher holds and believes, published once a second."""
+        self.gauges(in_flight, counts["waiting"], counts["pinned"], counts["parked"])
+        for processor, (state, since_ms, failures) in enumerate(circuits):
+            self.circuit(processor, state, since_ms, failures)
+
     def health(self, processor: int, failing: bool, min_response_ms: int) -> None:
         base = HEALTH + processor * 3
         self.words[base:base + 3] = memoryview(

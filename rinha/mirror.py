@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from rinha import wire
 from rinha.health import HealthReport
 from rinha.ledger import OWN, PROCESSORS, Ledger
+
+if TYPE_CHECKING:
+    from rinha.metrics import DispatcherCounters
+    from rinha.settings import Settings
 
 log = logging.getLogger("rinha.mirror")
 
@@ -34,6 +40,22 @@ class Carrier(Protocol):
         """A worker of this instance purged the ledger: every other instance must too."""
 
     def share_health(self, report: HealthReport) -> None: ...
+
+
+def open_carrier(settings: Settings, ledger: Ledger, sync_socket: socket.socket | None,
+                 on_health: Callable[[HealthReport], None],
+                 counters: DispatcherCounters | None) -> Carrier | None:
+    """The sync carrier this instance is configured with: UDP to PEERS (the socket the
+    supervisor bound), Redis at SYNC_URL, or none for an instance alone."""
+    if sync_socket is not None:
+        from rinha.peers import PeerSync
+
+        return PeerSync(settings, ledger, sync_socket, on_health=on_health, counters=counters)
+    if settings.sync_url is not None:
+        from rinha.redis_sync import RedisSync  # the rinha[redis] extra: only if used
+
+        return RedisSync(settings, ledger, on_health=on_health, counters=counters)
+    return None
 
 
 def region_cells(ledger: Ledger, region: int, first: int | None = None) -> list[wire.Cell]:

@@ -166,6 +166,15 @@ class Router:
         state = 0 if not circuit.failing else 2 if circuit.probes_in_flight else 1
         return state, circuit.changed_at, circuit.failures
 
+    def circuit_states(self, now: float, wall_ms: int) -> list[tuple[int, int, int]]:
+        """Each processor's (state, since as unix ms or 0, consecutive failures)."""
+        states = []
+        for processor in (DEFAULT, FALLBACK):
+            state, since, failures = self.circuit_state(processor)
+            since_ms = wall_ms - int((now - since) * 1000) if since else 0
+            states.append((state, since_ms, failures))
+        return states
+
     def counts(self) -> dict[str, int]:
         return {"waiting": len(self._waiting),
                 "pinned": len(self._pinned[DEFAULT]) + len(self._pinned[FALLBACK]),

@@ -8,11 +8,11 @@ message naming the variable.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+
+from rinha import setting_values as values
 
 T = TypeVar("T")
 
@@ -113,71 +113,71 @@ class Variable:
 def _variables() -> tuple[Variable, ...]:
     v = Variable
     return (
-        v("INSTANCE_NAME", "instance_name", "rinha", _instance_name,
+        v("INSTANCE_NAME", "instance_name", "rinha", values.instance_name,
           "names the queue, segments and lock; one running instance per name"),
         v("HOST", "host", "0.0.0.0", str, "where the workers listen"),
-        v("PORT", "port", "8080", _port, "the workers' port (SO_REUSEPORT)"),
-        v("WORKERS", "workers", "1", _int_between(1, 64), "socketify worker processes"),
-        v("PROCESSOR_DEFAULT_URL", "processor_default_url", CONTEST_DEFAULT_URL, _http_url,
+        v("PORT", "port", "8080", values.port, "the workers' port (SO_REUSEPORT)"),
+        v("WORKERS", "workers", "1", values.int_between(1, 64), "socketify worker processes"),
+        v("PROCESSOR_DEFAULT_URL", "processor_default_url", CONTEST_DEFAULT_URL, values.http_url,
           "the 5 % processor"),
-        v("PROCESSOR_FALLBACK_URL", "processor_fallback_url", CONTEST_FALLBACK_URL, _http_url,
+        v("PROCESSOR_FALLBACK_URL", "processor_fallback_url", CONTEST_FALLBACK_URL, values.http_url,
           "the 15 % processor"),
-        v("QUEUE_MAX_MESSAGES", "queue_max_messages", "1000", _int_between(1, 65536),
+        v("QUEUE_MAX_MESSAGES", "queue_max_messages", "1000", values.int_between(1, 65536),
           "kernel queue length (needs fs.mqueue.msg_max at least this)"),
-        v("HOLD_CAPACITY", "hold_capacity", "65536", _int_between(16, 4_194_304),
+        v("HOLD_CAPACITY", "hold_capacity", "65536", values.int_between(16, 4_194_304),
           "holding-table slots (64 B each): payments accepted and not yet recorded"),
-        v("LEDGER_SECONDS", "ledger_seconds", "131072", _power_of_two_at_least(1024),
+        v("LEDGER_SECONDS", "ledger_seconds", "131072", values.power_of_two_at_least(1024),
           "seconds the ledger ring keeps (a power of two)"),
-        v("LEDGER_REGIONS", "ledger_regions", "16", _int_between(2, 256),
+        v("LEDGER_REGIONS", "ledger_regions", "16", values.int_between(2, 256),
           "most instances of the deployment (this one and those it mirrors): one ledger region "
           "each, LEDGER_SECONDS x 32 bytes, reserved only once used"),
-        v("DISPATCH_CONCURRENCY", "dispatch_concurrency", "64", _int_between(1, 1024),
+        v("DISPATCH_CONCURRENCY", "dispatch_concurrency", "64", values.int_between(1, 1024),
           "requests in flight to the processors"),
-        v("DISPATCH_BATCH_S", "dispatch_batch_s", "0.01", _float_between(0, 1),
+        v("DISPATCH_BATCH_S", "dispatch_batch_s", "0.01", values.float_between(0, 1),
           "while events keep coming, the dispatcher wakes at most this often (0: each)"),
-        v("DISPATCHER_IDLE_PRIORITY", "dispatcher_idle_priority", "auto", _bool_or_auto,
+        v("DISPATCHER_IDLE_PRIORITY", "dispatcher_idle_priority", "auto", values.bool_or_auto,
           "run the dispatcher under SCHED_IDLE; auto: only under a CPU quota"),
-        v("DRAIN_RATE_PER_S", "drain_rate_per_s", "1200", _int_between(1, 1_000_000),
+        v("DRAIN_RATE_PER_S", "drain_rate_per_s", "1200", values.int_between(1, 1_000_000),
           "at most this many sends start per second"),
-        v("FALLBACK_AFTER_S", "fallback_after_s", "0", _float_between(0, 86400),
+        v("FALLBACK_AFTER_S", "fallback_after_s", "0", values.float_between(0, 86400),
           "send a payment held this long to the fallback (0: never)"),
-        v("REQUEST_TIMEOUT_S", "request_timeout_s", "10", _float_between(0.05, 600),
+        v("REQUEST_TIMEOUT_S", "request_timeout_s", "10", values.float_between(0.05, 600),
           "a processor reply later than this is an unknown outcome"),
-        v("RETRY_BACKOFF_MIN_S", "retry_backoff_min_s", "0.05", _float_between(0.001, 60),
+        v("RETRY_BACKOFF_MIN_S", "retry_backoff_min_s", "0.05", values.float_between(0.001, 60),
           "shortest probe spacing while a processor fails"),
-        v("RETRY_BACKOFF_MAX_S", "retry_backoff_max_s", "0.5", _float_between(0.001, 600),
+        v("RETRY_BACKOFF_MAX_S", "retry_backoff_max_s", "0.5", values.float_between(0.001, 600),
           "longest probe spacing while a processor fails"),
-        v("HEALTH_POLL", "health_poll", "1", _bool,
+        v("HEALTH_POLL", "health_poll", "1", values.boolean,
           "poll service-health here (1 on exactly one instance of a pair)"),
-        v("HEALTH_INTERVAL_S", "health_interval_s", "5", _float_between(5, 3600),
+        v("HEALTH_INTERVAL_S", "health_interval_s", "5", values.float_between(5, 3600),
           "health poll period (the processors allow one call per 5 s)"),
-        v("PEER_ADDR", "peer_addr", "", _optional_host_port,
+        v("PEER_ADDR", "peer_addr", "", values.optional_host_port,
           "the peer's host:port for UDP sync (empty: alone); the pair's spelling of PEERS"),
-        v("PEERS", "peers", "", _host_ports,
+        v("PEERS", "peers", "", values.host_ports,
           "every other instance's host:port for UDP sync, comma-separated (N instances)"),
-        v("SYNC_URL", "sync_url", "", _optional_redis_url,
+        v("SYNC_URL", "sync_url", "", values.optional_redis_url,
           "redis://host:port/db: sync through Redis instead of UDP (instances on several "
           "hosts; needs the rinha[redis] extra)"),
         v("SYNC_HOST", "sync_host", "0.0.0.0", str, "where sync datagrams are received"),
-        v("SYNC_PORT", "sync_port", "9000", _port, "the sync UDP port"),
-        v("SYNC_RESEND_S", "sync_resend_s", "1", _float_between(0.05, 3600),
+        v("SYNC_PORT", "sync_port", "9000", values.port, "the sync UDP port"),
+        v("SYNC_RESEND_S", "sync_resend_s", "1", values.float_between(0.05, 3600),
           "period of the healing resend"),
-        v("SYNC_RECOVER_TIMEOUT_S", "sync_recover_timeout_s", "1", _float_between(0.1, 60),
+        v("SYNC_RECOVER_TIMEOUT_S", "sync_recover_timeout_s", "1", values.float_between(0.1, 60),
           "how long a starting instance waits for its peer's recovery answer"),
-        v("SYNC_DROP_RATE", "sync_drop_rate", "0", _float_between(0, 1),
+        v("SYNC_DROP_RATE", "sync_drop_rate", "0", values.float_between(0, 1),
           "test-only fault: drop this share of outgoing sync datagrams"),
-        v("SYNC_DROP_SEED", "sync_drop_seed", "", _optional_int,
+        v("SYNC_DROP_SEED", "sync_drop_seed", "", values.optional_int,
           "test-only: seed of the drops above, for a repeatable run (empty: random)"),
-        v("SYNC_PUSH", "sync_push", "1", _bool,
+        v("SYNC_PUSH", "sync_push", "1", values.boolean,
           "push recorded cells to the peer at once (0: only the periodic resend carries "
           "them, so the peer lags up to SYNC_RESEND_S)"),
-        v("RINHA_ADMIN_TOKEN", "admin_token", "", _optional_text,
+        v("RINHA_ADMIN_TOKEN", "admin_token", "", values.optional_text,
           "if set, POST /purge-payments requires it in X-Rinha-Token"),
-        v("HEARTBEAT_TIMEOUT_S", "heartbeat_timeout_s", "10", _off_or_at_least(2, 3600),
+        v("HEARTBEAT_TIMEOUT_S", "heartbeat_timeout_s", "10", values.off_or_at_least(2, 3600),
           "replace a child whose loop has not turned for this long of its own time (0: off)"),
-        v("LOG_LEVEL", "log_level", "INFO", _log_level,
+        v("LOG_LEVEL", "log_level", "INFO", values.log_level,
           "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
-        v("LOG_FORMAT", "log_format", "text", _one_of("text", "json"),
+        v("LOG_FORMAT", "log_format", "text", values.one_of("text", "json"),
           "text, or json: one JSON object per line (time, instance, process, level, event)"),
     )
 
@@ -219,152 +219,6 @@ class _Reader:
             return parse(raw)
         except (ValueError, TypeError) as exc:
             raise SettingsError(f"{name}={raw!r}: {exc}") from None
-
-
-def _instance_name(raw: str) -> str:
-    # The name is part of the queue and shared-memory names, which allow no slash.
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", raw):
-        raise ValueError("use 1-40 letters, digits, '.', '_' or '-'")
-    return raw
-
-
-def _int_between(low: int, high: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        value = int(raw)
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
-        return value
-
-    return parse
-
-
-def _float_between(low: float, high: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        value = float(raw)
-        if not low <= value <= high:  # also rejects NaN
-            raise ValueError(f"must be between {low} and {high}")
-        return value
-
-    return parse
-
-
-_port = _int_between(1, 65535)
-
-
-def _off_or_at_least(low: float, high: float) -> Callable[[str], float]:
-    # Children beat about once a second: a timeout under two beats would kill healthy ones.
-    between = _float_between(low, high)
-
-    def parse(raw: str) -> float:
-        if float(raw) == 0:
-            return 0.0
-        try:
-            return between(raw)
-        except ValueError:
-            raise ValueError(f"must be 0 (off) or between {low} and {high}") from None
-
-    return parse
-
-
-def _power_of_two_at_least(low: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        value = int(raw)
-        if value < low or value & (value - 1):
-            raise ValueError(f"must be a power of two, at least {low}")
-        return value
-
-    return parse
-
-
-def _bool(raw: str) -> bool:
-    lowered = raw.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("use 1/0, true/false, yes/no or on/off")
-
-
-def _bool_or_auto(raw: str) -> bool | None:
-    if raw.lower() == "auto":
-        return None
-    try:
-        return _bool(raw)
-    except ValueError:
-        raise ValueError("use auto, or 1/0, true/false, yes/no, on/off") from None
-
-
-def _http_url(raw: str) -> str:
-    parts = urlsplit(raw)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError("must be an http:// URL with a host, e.g. http://127.0.0.1:8001")
-    if parts.port == 0:  # parts.port itself raises ValueError for a non-number or > 65535
-        raise ValueError("the port must be between 1 and 65535")
-    if parts.path not in ("", "/") or parts.query:
-        raise ValueError("must be the processor's base URL, without a path or query")
-    return raw.rstrip("/")
-
-
-def _one_of(*choices: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        if raw.lower() not in choices:
-            raise ValueError(f"use {' or '.join(choices)}")
-        return raw.lower()
-
-    return parse
-
-
-def _optional_int(raw: str) -> int | None:
-    return int(raw) if raw else None
-
-
-def _optional_text(raw: str) -> str | None:
-    return raw or None
-
-
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def _log_level(raw: str) -> str:
-    level = raw.upper()
-    if level not in _LOG_LEVELS:
-        raise ValueError(f"use one of {', '.join(_LOG_LEVELS)}")
-    return level
-
-
-def _optional_host_port(raw: str) -> tuple[str, int] | None:
-    if not raw:
-        return None
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host:
-        raise ValueError("must be host:port, e.g. api2:9000")
-    return host, _port(port)
-
-
-def _host_ports(raw: str) -> tuple[tuple[str, int], ...]:
-    if not raw:
-        return ()
-    addresses = []
-    for item in raw.split(","):
-        address = _optional_host_port(item.strip())
-        if address is None:
-            raise ValueError("must be host:port,host:port,..., e.g. api2:9000,api3:9000")
-        if address in addresses:
-            raise ValueError(f"lists {address[0]}:{address[1]} twice")
-        addresses.append(address)
-    return tuple(addresses)
-
-
-def _optional_redis_url(raw: str) -> str | None:
-    if not raw:
-        return None
-    parts = urlsplit(raw)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ValueError("must be a redis:// URL with a host, e.g. redis://10.0.0.5:6379/0")
-    parts.port  # noqa: B018 - raises ValueError for a port that is not one
-    if parts.path not in ("", "/") and not parts.path.lstrip("/").isdigit():
-        raise ValueError("the path is the database number, e.g. redis://host:6379/0")
-    return raw
 
 
 VARIABLES = _variables()
