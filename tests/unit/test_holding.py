@@ -356,10 +356,11 @@ def test_open_refuses_a_segment_one_slot_short_and_takes_a_longer_one(name: str)
     table = HoldingTable.open(name)
     try:
         assert table.capacity == 3
-        held = payment(0)
-        table.write(held)
-        assert list(table.held()) == [held]
-        assert table.depth() == 1
+        first, last = payment(0), payment(2)  # an odd capacity: its last slot too
+        table.write(first)
+        table.write(last)
+        assert list(table.held()) == [first, last]
+        assert table.depth() == 2
     finally:
         table.close()
 
