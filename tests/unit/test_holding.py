@@ -419,3 +419,30 @@ def test_a_staged_record_is_committed_in_any_slot_and_a_committed_one_never_agai
     table.write(HeldPayment((slot + 5) % CAPACITY, correlation_id, cents, 8))
     held, committed = table.claim(9)
     assert not committed and len(held) == 2
+
+
+def test_a_created_table_of_odd_capacity_holds_its_last_slot(name: str) -> None:
+    created = HoldingTable.create(name, 3)
+    try:
+        last = payment(2, state=SENDING)
+        created.write(last)
+        assert list(created.held()) == [last]
+    finally:
+        created.close()
+    reopened = HoldingTable.open(name)
+    try:
+        assert reopened.capacity == 3 and list(reopened.held()) == [last]
+    finally:
+        reopened.close()
+
+
+@pytest.mark.parametrize(
+    ("magic", "version"),
+    [(b"ainhaHLD", holding._VERSION), (b"rinhaHLD", holding._VERSION - 1)],
+    ids=["a magic sorting before ours", "an older version"],
+)
+def test_open_refuses_another_magic_or_version_either_side(name, magic, version) -> None:
+    header = magic + version.to_bytes(4, "little") + (4).to_bytes(4, "little")
+    write_segment(name, header, 64 + 4 * SLOT_SIZE)
+    with pytest.raises(ValueError, match="not a rinha holding table"):
+        HoldingTable.open(name)

@@ -9,7 +9,7 @@ from uuid import uuid4
 import pytest
 
 from rinha.ledger import DEFAULT, FALLBACK, OWN, Ledger
-from rinha.mirror import every_region, merge_cells, merge_subject
+from rinha.mirror import every_region, merge_cells, merge_subject, region_cells
 
 T0 = 1_752_150_896
 
@@ -43,3 +43,10 @@ def test_every_region_lists_ours_first_then_the_mirrors_by_region(ledger: Ledger
     for name in ("zeta", "alpha"):  # given out in this order: zeta 1, alpha 2
         merge_subject(ledger, "me", name, [(T0, DEFAULT, 1, 100)])
     assert every_region(ledger, "me") == [("me", OWN), ("zeta", 1), ("alpha", 2)]
+
+
+def test_region_cells_keeps_the_oldest_second_the_ring_still_holds(ledger: Ledger) -> None:
+    seconds = 1024
+    ledger.record(T0 + 1, DEFAULT, 100)
+    ledger.record(T0 + seconds, DEFAULT, 200)  # T0 + 1 is now the oldest second held
+    assert region_cells(ledger, OWN) == [(T0 + 1, DEFAULT, 1, 100), (T0 + seconds, DEFAULT, 1, 200)]
