@@ -126,3 +126,31 @@ def test_a_peer_that_answers_only_the_second_request_is_heard_beside_one_that_an
             thread.join(5)
         late.close()
     assert own_cells(ledger, OWN) == mine_prompt + mine_late
+
+
+def test_a_peer_flooding_stale_answers_does_not_keep_the_recovery_past_its_deadline(
+    ledger, sockets
+):
+    """Datagrams keep arriving, none an answer to the request: each attempt ends at its time
+    all the same, and the recovery at its deadline."""
+    mine, peer = sockets
+    stop = threading.Event()
+
+    def flood() -> None:
+        stale = wire.encode_recovery_done(PEER_NAME, 12345, 0)  # another request's nonce
+        while not stop.is_set():
+            peer.sendto(stale, mine.getsockname())
+            time.sleep(0.002)
+
+    flooding = threading.Thread(target=flood, daemon=True)
+    flooding.start()
+    answered: list[int] = []
+    recovering = threading.Thread(target=lambda: answered.append(recover_from_peers(
+        settings_towards(peer, SYNC_RECOVER_TIMEOUT_S="0.3"), ledger, mine)), daemon=True)
+    started = time.monotonic()
+    recovering.start()
+    recovering.join(5)
+    stop.set()
+    flooding.join(5)
+    assert answered == [0]
+    assert time.monotonic() - started < 2
