@@ -93,7 +93,9 @@ def test_a_purge_is_resent_to_each_peer_until_that_one_acknowledges(ledger, sock
     mine, first, second = sockets
     sync = PeerSync(settings_towards(first, second), ledger, mine, lambda *_: None)
     target = mine.getsockname()
+    escaped: list[dict] = []  # what would stop a dispatcher (its loop's handler is _crash)
     with serving(sync) as loop:
+        loop.set_exception_handler(lambda _, context: escaped.append(context))
         loop.call_soon_threadsafe(sync.purged)
         [nonce] = set(purges_within(first, 0.05)) | set(purges_within(second, 0.05))
         first.sendto(wire.encode_datagram(wire.PURGE_ACK, "first", nonce), target)
@@ -107,6 +109,7 @@ def test_a_purge_is_resent_to_each_peer_until_that_one_acknowledges(ledger, sock
         time.sleep(0.15)
         purges_within(second, 0.01)
         assert purges_within(second, 0.35) == []
+    assert escaped == []
 
 
 def test_a_stranger_is_refused_even_when_its_datagram_triggers_the_resolution() -> None:
