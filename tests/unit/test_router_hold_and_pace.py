@@ -101,3 +101,11 @@ def test_a_probe_failing_after_a_success_reset_the_count_leaves_no_negative_coun
     on_success(circuit, NOW)
     on_failure(circuit, NOW + 0.01, True, 0.1, 1.0)
     assert circuit.probes_in_flight == 0
+
+
+def test_a_returned_token_is_one_token():
+    r = router(DRAIN_RATE_PER_S="100")  # a burst of 10, one more every 10 ms
+    assert sum(r.take_token(NOW) for _ in range(20)) == 10
+    assert r.take_token(NOW + 0.0101)  # the one token earned since
+    r.return_token()  # nothing to send after all
+    assert [r.take_token(NOW + 0.0101) for _ in range(2)] == [True, False]
