@@ -52,7 +52,7 @@ def test_offsets_up_to_23_59_are_instants(text: str, second: int) -> None:
     assert wire.parse_instant(text) == wire.Instant(second, False)
 
 
-@pytest.mark.parametrize("origin", ["a", "ab", "abc", "x" * wire.NAME_MAX])
+@pytest.mark.parametrize("origin", ["a", "ab", "abc", "abcdefg", "stack-api1", "x" * wire.NAME_MAX])
 @pytest.mark.parametrize("subject", ["b", "cd", "y" * wire.NAME_MAX])
 def test_names_of_any_allowed_length_round_trip(origin: str, subject: str) -> None:
     cells = [(1_752_150_896, 1, 3, 300)]
