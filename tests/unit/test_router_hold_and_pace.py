@@ -109,3 +109,14 @@ def test_a_returned_token_is_one_token():
     assert r.take_token(NOW + 0.0101)  # the one token earned since
     r.return_token()  # nothing to send after all
     assert [r.take_token(NOW + 0.0101) for _ in range(2)] == [True, False]
+
+
+@pytest.mark.parametrize("held", ["waiting", "pinned to the default", "pinned to the fallback",
+                                  "nothing"])
+def test_has_work_with_any_one_queue_holding_a_payment(held):
+    r = router()
+    if held == "waiting":
+        r.admit(payment(1))
+    elif held != "nothing":
+        r.admit(payment(1, pinned=True, processor=DEFAULT if "default" in held else FALLBACK))
+    assert r.has_work is (held != "nothing")
