@@ -102,3 +102,30 @@ def test_values_far_out_of_range_are_refused_too(cell) -> None:
     [datagram] = wire.encode_cells(wire.CELLS, "a", "a", [cell])
     with pytest.raises(wire.MalformedDatagram, match="out of range"):
         wire.decode_cells(wire.decode_datagram(datagram)[3])
+
+
+def test_the_cell_limits_are_the_ledger_s_24_bits_of_count_and_40_of_cents() -> None:
+    """Literal numbers on purpose: a cell travels as absolute values the receiving ledger
+    packs into 24 bits of count and 40 bits of cents (native_ledger)."""
+    def decodes(count: int, cents: int) -> bool:
+        [datagram] = wire.encode_cells(wire.CELLS, "a", "a", [(0, 0, count, cents)])
+        try:
+            wire.decode_cells(wire.decode_datagram(datagram)[3])
+        except wire.MalformedDatagram:
+            return False
+        return True
+
+    assert decodes(2**24 - 1, 2**40 - 1)
+    assert not decodes(2**24, 1)
+    assert not decodes(1, 2**40)
+
+
+@pytest.mark.parametrize("record", [b"CTRL", b"CTRL\x01\0\0\0\0", bytes(24)])
+def test_decode_control_of_a_record_of_another_size_is_none(record: bytes) -> None:
+    assert wire.decode_control(record) is None
+
+
+def test_an_offset_instant_is_a_whole_second_in_an_int() -> None:
+    instant = wire.parse_instant("2025-07-10T09:34:56-03:00")
+    assert instant == wire.Instant(1_752_150_896, False)
+    assert type(instant.second) is int
