@@ -37,7 +37,8 @@ def parse_report(processor: int, body: bytes) -> HealthReport | None:
         min_response = document["minResponseTime"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return None
-    if not isinstance(failing, bool) or not isinstance(min_response, int):
+    # bool is an int to isinstance: `"minResponseTime": true` is not a number of milliseconds.
+    if not isinstance(failing, bool) or type(min_response) is not int:
         return None
     return HealthReport(processor, failing, min_response)
 

@@ -8,7 +8,7 @@ cr-filter-pragma is used (cosmic_ray.tools.filters.filter_app):
 
 The config's table `[cosmic-ray.filters.function-filter]` takes:
 
-    include = ["Dispatcher.recover", "Dispatcher.run / if self._settings.health_poll:"]
+    include = ["Dispatcher.recover", "Dispatcher.run / if not router.take_token(now):"]
         qualified names (Class.method, outer.inner) of the functions to mutate; with " / " and
         the first line of a statement of that function, only that statement (its whole block).
         Absent: the whole module is mutated. A name that matches nothing is an error, so a
