@@ -10,7 +10,12 @@ sender, all values absolute, docs/architecture.md, invariant 6):
   - every SYNC_RESEND_S, the OWN cells of the last RESEND_WINDOW_S seconds, which heals losses;
     an instance that recorded nothing for that long sends nothing;
   - PURGE, resent to each peer until that peer acknowledges, because a purge through nginx
-    reaches one instance only;
+    reaches one instance only. A purge is known by its nonce: a copy heard again (a resend
+    whose acknowledgement was lost, or the same purge passed on by another peer) is only
+    acknowledged, never carried out twice; an instance that hears of a purge passes it on to
+    its other peers. Until a peer acknowledges a purge this instance sent it, that peer's cells
+    are dropped: they may have left before it purged (the periodic resend brings its later
+    ones);
   - HEALTH, from the one instance that polls the processors (invariant 5), to every peer;
   - on start, RECOVER_REQUEST to every peer: each answers with every region it holds (its own
     and its mirrors, this instance's among them), so a restarted instance gets back what it
@@ -125,6 +130,9 @@ class PeerSync:
         self._last_record = 0.0
         # nonce -> (first sent, monotonic; indices of the peers yet to acknowledge)
         self._pending_purges: dict[int, tuple[float, set[int]]] = {}
+        # nonce -> when this instance carried that purge out (monotonic): kept for as long as
+        # a peer may resend it, so that a resend is not carried out again
+        self._purges_done: dict[int, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dropped_foreign = 0
         self.dropped_malformed = 0
@@ -145,9 +153,15 @@ class PeerSync:
         self._send_cells(values)
 
     def purged(self) -> None:
+        """A worker of this instance purged the ledger (POST /purge-payments)."""
         nonce = secrets.randbits(32)
-        self._pending_purges[nonce] = (time.monotonic(), set(range(len(self._peers))))
-        self._resend_purges()
+        self._purges_done[nonce] = time.monotonic()
+        self._pass_purge_on(nonce, set(range(len(self._peers))))
+
+    def _pass_purge_on(self, nonce: int, peers: set[int]) -> None:
+        if peers:
+            self._pending_purges[nonce] = (time.monotonic(), peers)
+            self._resend_purges()
 
     def share_health(self, report: HealthReport) -> None:
         self._send(wire.encode_health(self._name, report.processor, report.failing,
@@ -240,12 +254,16 @@ class PeerSync:
             if subject != origin:
                 raise wire.MalformedDatagram(f"{origin} sent cells of {subject} outside a "
                                              "recovery (each instance sends only its own)")
-            if region is not None:
+            if region is not None and not self._purge_unacknowledged_by(address):
                 merge_cells(self._ledger, region, cells)
         elif kind == wire.PURGE:
             if payload:
                 raise wire.MalformedDatagram("purge with a payload")
-            self._ledger.purge()
+            if self._first_time(nonce):
+                self._ledger.purge()
+                # The sender told its own peers; the others of ours may not be among them.
+                sender = which_peer(self._peers, address)
+                self._pass_purge_on(nonce, set(range(len(self._peers))) - {sender})
             self._reply(wire.encode_datagram(wire.PURGE_ACK, self._name, nonce), address)
         elif kind == wire.PURGE_ACK:
             pending = self._pending_purges.get(nonce)
@@ -260,6 +278,25 @@ class PeerSync:
             self._on_health(HealthReport(*wire.decode_health(payload)))
         # RECOVERY and RECOVERY_DONE only matter to a supervisor that is recovering.
         return region
+
+    def _first_time(self, nonce: int) -> bool:
+        """Whether the purge `nonce` is new here (and remember it if so)."""
+        now = time.monotonic()
+        for done, at in list(self._purges_done.items()):
+            if now - at > 2 * PURGE_GIVE_UP_S:
+                del self._purges_done[done]
+        if nonce in self._purges_done:
+            return False
+        self._purges_done[nonce] = now
+        return True
+
+    def _purge_unacknowledged_by(self, address: tuple[str, int]) -> bool:
+        """Whether a purge this instance sent still awaits this peer's acknowledgement: its
+        cells may be older than the purge then (it acknowledges only once it has purged)."""
+        if not self._pending_purges:
+            return False
+        index = which_peer(self._peers, address)
+        return any(index in waiting for _, waiting in self._pending_purges.values())
 
     def _answer_recovery(self, nonce: int, address: tuple[str, int]) -> None:
         """Every region this instance holds, each under its instance's name: the requester

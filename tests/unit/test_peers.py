@@ -301,6 +301,73 @@ def test_purge_purges_every_region_and_is_acknowledged(pair: Sync) -> None:
     assert sender == pair.mine.getsockname()
 
 
+def test_a_purge_heard_again_is_acknowledged_but_not_carried_out_again(pair: Sync) -> None:
+    """A resent PURGE whose acknowledgement was lost must not erase what was recorded since."""
+    pair.ledger.record(T0, DEFAULT, 1990)
+    pair.handle(from_peer(wire.PURGE, 0xC0FFEE))
+    assert receive(pair.peer)[:2] == (wire.PURGE_ACK, 0xC0FFEE)
+    pair.ledger.record(T0 + 1, DEFAULT, 2990)  # after the purge
+    pair.handle(from_peer(wire.PURGE, 0xC0FFEE))
+    assert receive(pair.peer)[:2] == (wire.PURGE_ACK, 0xC0FFEE)  # acknowledged again
+    assert own_cells(pair.ledger, OWN) == [(T0 + 1, DEFAULT, 1, 2990)]
+    pair.handle(from_peer(wire.PURGE, 0xBEEF))  # another purge is one
+    assert own_cells(pair.ledger, OWN) == []
+    assert nothing_waiting(pair.peer) is False  # its acknowledgement
+
+
+def test_a_purge_this_instance_sent_and_heard_back_is_not_carried_out_again(pair: Sync) -> None:
+    pair.sync.purged()
+    kind, nonce, _, _ = receive(pair.peer)
+    assert kind == wire.PURGE
+    pair.ledger.record(T0, DEFAULT, 1990)
+    pair.handle(from_peer(wire.PURGE, nonce))
+    assert own_cells(pair.ledger, OWN) == [(T0, DEFAULT, 1, 1990)]
+
+
+def test_a_peer_s_cells_are_dropped_until_it_acknowledges_this_instance_s_purge(
+    pair: Sync,
+) -> None:
+    """Cells the peer sent before it purged can arrive after this instance purged: its region
+    here would keep payments the peer itself no longer counts."""
+    pair.sync.purged()
+    kind, nonce, _, _ = receive(pair.peer)
+    assert kind == wire.PURGE
+    [before] = cells_of(PEER_NAME, [(T0, DEFAULT, 4, 400)])
+    assert pair.handle(before) == PEER
+    assert own_cells(pair.ledger, PEER) == []
+    pair.handle(from_peer(wire.PURGE_ACK, nonce))
+    [after] = cells_of(PEER_NAME, [(T0 + 1, FALLBACK, 1, 100)])
+    pair.handle(after)
+    assert own_cells(pair.ledger, PEER) == [(T0 + 1, FALLBACK, 1, 100)]
+
+
+def test_a_purge_heard_is_passed_on_to_the_other_peers_and_their_old_cells_dropped(
+    ledger: Ledger, new_socket: Callable[[], socket.socket]
+) -> None:
+    """Three instances: a purge through nginx reaches one; the one that hears of it tells the
+    third too, and drops the third's cells until the third has purged."""
+    first, third = new_socket(), new_socket()
+    trio = Sync(ledger, new_socket(), first, third)
+    ledger.record(T0, DEFAULT, 1990)
+    trio.handle(from_peer(wire.PURGE, 0xC0FFEE))
+    assert own_cells(ledger, OWN) == []
+    assert receive(first)[:2] == (wire.PURGE_ACK, 0xC0FFEE)
+    assert receive(third)[:3] == (wire.PURGE, 0xC0FFEE, b"")  # passed on with the same nonce
+    assert nothing_waiting(first)  # the one it came from is not told again
+    from_third = third.getsockname()
+    [old] = cells_of("third", [(T0, DEFAULT, 7, 700)])
+    region = trio.sync.handle(old, from_third)
+    assert own_cells(ledger, region) == []
+    trio.sync.handle(wire.encode_datagram(wire.PURGE_ACK, "third", 0xC0FFEE), from_third)
+    [new] = cells_of("third", [(T0 + 1, DEFAULT, 1, 100)])
+    assert trio.sync.handle(new, from_third) == region
+    assert own_cells(ledger, region) == [(T0 + 1, DEFAULT, 1, 100)]
+    # The first's cells were never held back: it sent the purge, so it had purged.
+    [firsts] = cells_of(PEER_NAME, [(T0 + 2, DEFAULT, 1, 50)])
+    trio.handle(firsts)
+    assert own_cells(ledger, PEER) == [(T0 + 2, DEFAULT, 1, 50)]
+
+
 def recovery_answer(sock: socket.socket, nonce: int) -> tuple[dict[str, list[wire.Cell]], int]:
     """Every RECOVERY datagram up to RECOVERY_DONE: cells by subject, and the datagram count."""
     by_subject: dict[str, list[wire.Cell]] = {}
