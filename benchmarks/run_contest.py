@@ -92,6 +92,10 @@ FLOOR_PROCESSOR_PORTS = (8001, 8002)
 FLOOR_UNUSED_UPSTREAMS = ("127.0.0.1:9001", "127.0.0.1:9002")  # nothing proxies there
 # --floor-hop: the product's nginx.conf as it is, its two upstreams the cheapest possible
 # instances (an nginx with the product's WORKERS answering by itself), in the APIs' cgroups.
+# --hop-over: what the hop runs on. tcp: loopback ports, as the product's upstreams today;
+# unix: a unix domain socket per stand-in in the run directory (what many top entries use),
+# to measure whether the hop gets cheaper under gVisor before changing the product.
+HOP_OVER = ("tcp", "unix")
 HOP_UPSTREAM_CONF = """\
 # The hop floor (benchmarks/run_contest.py --floor-hop): a stand-in instance answering itself.
 daemon off;
@@ -521,6 +525,7 @@ def format_table(result: Mapping) -> str:
         f" load {' '.join(f'{x:.2f}' for x in load)} at start, limits {c.get('limits')},"
         f" k6 {c.get('k6_version')}, MAX_REQUESTS {c.get('max_requests')},"
         f" DURATION_SCALE {c.get('duration_scale')}"
+        + (f", hop over {c['hop_over']}" if c.get("hop_over") else "")
     )
     return "\n".join(lines)
 
@@ -564,6 +569,16 @@ def floor_nginx_conf(rendered: str) -> str:
             raise ValueError(f"nginx.conf must hold `location {spec} {{ ... }}` exactly once"
                              f" (found {count}); the floor replaces it")
     return "# The floor (benchmarks/run_contest.py --floor): no rinha behind nginx.\n" + text
+
+
+def hop_upstreams(over: str, run_dir: Path) -> tuple[str, ...]:
+    """Where --floor-hop's two stand-ins listen, written as nginx's `listen` and `server` take
+    it: the loopback ports (`tcp`), or `unix:<run_dir>/api1.sock` and api2's (`unix`)."""
+    if over == "tcp":
+        return FLOOR_UNUSED_UPSTREAMS
+    if over == "unix":
+        return tuple(f"unix:{run_dir}/{api}.sock" for api in ("api1", "api2"))
+    raise ValueError(f"--hop-over is one of {', '.join(HOP_OVER)}, not {over!r}")
 
 
 def round_order(repeat: int, interleave: bool = True) -> list[tuple[int, str]]:
@@ -979,13 +994,17 @@ class FloorStack:
     nginx gets nginx's docker-compose.yml limits in a cgroup when limits are on.
     """
 
-    def __init__(self, limits: str, run_dir: Path, out_dir: Path, hop: bool = False) -> None:
+    def __init__(self, limits: str, run_dir: Path, out_dir: Path, hop: bool = False,
+                 hop_over: str = "tcp") -> None:
         """`hop`: nginx keeps its locations and proxies to two stand-in instances (nginx
         answering by itself with the product's WORKERS) in the APIs' cgroups: what the
-        product's shape costs with instances that cost nothing."""
+        product's shape costs with instances that cost nothing. `hop_over`: tcp or unix
+        (hop_upstreams)."""
         self.limits = limits
         self.run_dir = run_dir
         self.hop = hop
+        self.hop_over = hop_over if hop else "tcp"
+        self.upstreams = hop_upstreams(self.hop_over, run_dir)
         self.processes: dict[str, Launched] = {}
         self.cgroup_parent: str | None = None
         self.cgroup: dict[str, str] = {}
@@ -999,7 +1018,7 @@ class FloorStack:
             raise RunError(f"ports already in use: {', '.join(taken)} (another stack or run?)")
         conf = self.run_dir / "nginx.conf"
         rendered = render_local(
-            NGINX_CONF.read_text(), api_addrs=FLOOR_UNUSED_UPSTREAMS,
+            NGINX_CONF.read_text(), api_addrs=self.upstreams,
             listen=f"127.0.0.1:{FLOOR_PORT}", run_dir=str(self.run_dir))
         conf.write_text(rendered if self.hop else floor_nginx_conf(rendered))
         if self.limits == "contest":
@@ -1023,7 +1042,11 @@ class FloorStack:
             workers = compose_limits.service_environment(
                 compose_limits.api_services(compose_limits.load_compose(COMPOSE))["api1"]
             ).get("WORKERS", "1")
-            for api, listen in zip(("api1", "api2"), FLOOR_UNUSED_UPSTREAMS, strict=True):
+            if self.hop_over == "unix":
+                # nginx's workers run as nobody and must reach the sockets (nginx makes them
+                # 0666) through the run directory, which mkdtemp made 0700: traverse only.
+                self.run_dir.chmod(0o711)
+            for api, listen in zip(("api1", "api2"), self.upstreams, strict=True):
                 stand_in = self.run_dir / f"{api}.conf"
                 stand_in.write_text(HOP_UPSTREAM_CONF.format(
                     workers=workers, run_dir=self.run_dir, name=api, listen=listen))
@@ -1042,9 +1065,8 @@ class FloorStack:
         urls = {name: f"http://127.0.0.1:{port}" for name, port in (
             ("processor-default", FLOOR_PROCESSOR_PORTS[0]),
             ("processor-fallback", FLOOR_PROCESSOR_PORTS[1]), ("nginx", FLOOR_PORT))}
-        urls.update({api: f"http://{addr}" for api, addr in zip(("api1", "api2"),
-                                                                 FLOOR_UNUSED_UPSTREAMS,
-                                                                 strict=True)})
+        urls.update({api: addr if addr.startswith("unix:") else f"http://{addr}"
+                     for api, addr in zip(("api1", "api2"), self.upstreams, strict=True)})
         for name, process in self.processes.items():
             # An emulator is up when its port is (as for `rinha stack`): its health endpoint
             # answers once per 5 s only. nginx is up when it answers the summary.
@@ -1063,6 +1085,7 @@ class FloorStack:
 
         self.info = {
             "mode": "floor", "limits": self.limits, "run_dir": str(self.run_dir),
+            "hop_over": self.hop_over if self.hop else None,
             "nginx": entry("nginx"),
             "processors": {role: entry(f"processor-{role}") for role in ("default", "fallback")},
             "instances": {},
@@ -1117,6 +1140,11 @@ def _answers(url: str) -> bool:
 
 
 def _port_open(url: str) -> bool:
+    """Something accepts connections at http://host:port or unix:/path."""
+    if url.startswith("unix:"):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(0.5)
+            return s.connect_ex(url.removeprefix("unix:")) == 0
     parts = urlsplit(url)
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -1401,6 +1429,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the product's nginx.conf proxying to two stand-in instances "
                              "(nginx answering by itself, in the APIs' cgroups): what the "
                              "shape costs when the instances cost nothing")
+    parser.add_argument("--hop-over", choices=HOP_OVER, default="tcp",
+                        help="with --floor-hop: nginx reaches the stand-ins over loopback TCP"
+                             " (default, as the product) or unix domain sockets")
     parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                         help="with --repeat: floor, product, floor, product... (default); "
                              "--no-interleave runs every floor first")
@@ -1413,6 +1444,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--repeat must be at least 1")
     if args.repeat is not None and args.floor:
         parser.error("--repeat already runs the floor in every round; drop --floor")
+    if args.hop_over != "tcp" and not args.floor_hop:
+        parser.error("--hop-over is an option of --floor-hop")
     return args
 
 
@@ -1453,7 +1486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out_dir = _new_dir(args.results_dir / f"{name}-repeat")
             return run_repeat(args, k6, version, limits, out_dir)
         mode = "floor" if args.floor else "floor-hop" if args.floor_hop else "product"
-        out_dir = _new_dir(args.results_dir / (name if mode == "product" else f"{name}-{mode}"))
+        suffix = f"-{mode}" + ("-unix" if args.floor_hop and args.hop_over == "unix" else "")
+        out_dir = _new_dir(args.results_dir / (name if mode == "product" else f"{name}{suffix}"))
         status, _ = run(args, mode, k6, version, limits, out_dir)
         return status
     except RunError as exc:
@@ -1507,9 +1541,12 @@ def run(args: argparse.Namespace, mode: str, k6: str, version: str, limits: str,
     """One run (product or floor) into `out_dir`: (exit status, result.json's content)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"rinha-bench-{mode}-"))
     cond = conditions(args, limits, version, mode)
+    if mode == "floor-hop":
+        cond["hop_over"] = args.hop_over
     if mode in ("floor", "floor-hop"):
         stack: FloorStack | ProductStack = FloorStack(limits, run_dir, out_dir,
-                                                      hop=mode == "floor-hop")
+                                                      hop=mode == "floor-hop",
+                                                      hop_over=args.hop_over)
     else:
         stack = ProductStack(limits, run_dir, out_dir, args.compose)
     k6_run: Launched | None = None
@@ -1564,6 +1601,7 @@ def run(args: argparse.Namespace, mode: str, k6: str, version: str, limits: str,
             "P99_BUDGET_MS": str(args.p99_budget_ms),
             "SUMMARY_JSON": str(summary_path),
             "MODE": mode,
+            "HOP_OVER": cond.get("hop_over", ""),
         }
         first = {name: read_cgroup(paths) for name, paths in cgroup_paths.items()}
         cpu_first, k6_started = read_cpu_times(), time.monotonic()

@@ -21,7 +21,7 @@
 // MAX_REQUESTS, DURATION_SCALE, P99_BUDGET_MS (threshold on p99, default 11 = no bonus left),
 // MAX_INCONSISTENCIES (threshold, default 0), SUMMARY_JSON (path of the JSON result), MODE
 // (`product`, or `floor` when BACKEND_URL is nginx answering by itself: a label only, the run
-// is the same).
+// is the same), HOP_OVER (`tcp` or `unix` for run_contest.py --floor-hop: a label too).
 
 import http from 'k6/http';
 import { sleep } from 'k6';
@@ -39,6 +39,7 @@ const P99_BUDGET_MS = positiveNumber('P99_BUDGET_MS', 11);
 const MAX_INCONSISTENCIES = nonNegativeNumber('MAX_INCONSISTENCIES', 0);
 const SUMMARY_JSON = __ENV.SUMMARY_JSON || '';
 const MODE = __ENV.MODE || 'product';
+const HOP_OVER = __ENV.HOP_OVER || null;
 
 // Fees used only if the processors' admin summary does not say (docs/contest.md: 5 % and 15 %).
 const FEE_RATE_DEFAULT = { default: 0.05, fallback: 0.15 };
@@ -310,8 +311,8 @@ export function handleSummary(data) {
   const accepted = get('payments_accepted', 'count');
   const result = {
     config: {
-      mode: MODE, backend_url: BACKEND_URL, processors: PROCESSORS, max_requests: MAX_REQUESTS,
-      duration_scale: DURATION_SCALE, p99_budget_ms: P99_BUDGET_MS,
+      mode: MODE, hop_over: HOP_OVER, backend_url: BACKEND_URL, processors: PROCESSORS,
+      max_requests: MAX_REQUESTS, duration_scale: DURATION_SCALE, p99_budget_ms: P99_BUDGET_MS,
       max_inconsistencies: MAX_INCONSISTENCIES, final_window_s: FINAL_WINDOW_S,
       check_every_s: CHECK_EVERY_S * DURATION_SCALE,
       check_window_ms: [-CHECK_FROM_AGO_MS, -CHECK_TO_AGO_MS], http_timeout: HTTP_TIMEOUT,

@@ -438,6 +438,31 @@ def test_nginx_accepts_the_floor(tmp_path):
     assert checked.returncode == 0, checked.stderr
 
 
+def test_the_hop_runs_over_loopback_ports_or_unix_sockets_in_the_run_directory(tmp_path):
+    assert rc.hop_upstreams("tcp", tmp_path) == rc.FLOOR_UNUSED_UPSTREAMS
+    assert rc.hop_upstreams("unix", tmp_path) == (f"unix:{tmp_path}/api1.sock",
+                                                  f"unix:{tmp_path}/api2.sock")
+    with pytest.raises(ValueError, match="tcp, unix"):
+        rc.hop_upstreams("udp", tmp_path)
+    from rinha_lab.nginx_conf import render_local
+
+    # Only the two server lines change: keep-alive and the rest stay the product's.
+    rendered = render_local((REPO / "nginx.conf").read_text(),
+                            api_addrs=rc.hop_upstreams("unix", tmp_path),
+                            listen="127.0.0.1:9999", run_dir=str(tmp_path))
+    assert f"server unix:{tmp_path}/api1.sock fail_timeout=1s;" in rendered
+    assert f"server unix:{tmp_path}/api2.sock fail_timeout=1s;" in rendered
+    assert "keepalive 256;" in rendered
+
+
+def test_hop_over_is_an_option_of_the_hop_floor():
+    assert rc.parse_args([]).hop_over == "tcp"
+    assert rc.parse_args(["--floor-hop", "--hop-over", "unix"]).hop_over == "unix"
+    for bad in (["--hop-over", "unix"], ["--floor-hop", "--hop-over", "udp"]):
+        with pytest.raises(SystemExit):
+            rc.parse_args(bad)
+
+
 def test_the_floor_table_says_what_it_is():
     result = _result(_k6_summary(), ["nginx"])
     result["conditions"]["mode"] = "floor"
