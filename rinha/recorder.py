@@ -26,7 +26,6 @@ class Recorder:
         self._peer = peer
         self._dirty: set[tuple[int, int]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.recorded = 0  # payments counted by this dispatcher (for the status page)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -37,7 +36,6 @@ class Recorder:
         payment.word_before = self._ledger.own_word(payment.requested_at, payment.processor)
         self._table.mark(payment, RECORDING)
         self._ledger.record(payment.requested_at, payment.processor, payment.cents)
-        self.recorded += 1
         if self._counters is not None:
             self._counters.recorded(payment.processor)
         self._mark_dirty(payment.requested_at, payment.processor)

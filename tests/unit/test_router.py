@@ -164,3 +164,19 @@ def test_outcomes_and_health_move_the_circuits() -> None:
     assert not r.circuits[DEFAULT].failing
     r.on_health(HealthReport(FALLBACK, True, 0), NOW)
     assert r.circuits[FALLBACK].failing and r.on_answered(FALLBACK, NOW) is True
+
+
+# --- what the status page shows of the circuits -------------------------------------------------
+
+
+def test_circuit_states_give_each_processor_s_state_since_in_unix_ms_and_failures() -> None:
+    r = router(RETRY_BACKOFF_MIN_S="0.5")
+    assert r.circuit_states(NOW, WALL_MS) == [(0, 0, 0), (0, 0, 0)]  # never changed
+    r.on_failed(FALLBACK, NOW + 1.0, False)
+    r.on_failed(FALLBACK, NOW + 1.2, False)
+    # 2.5 s after the fallback opened, at wall time WALL_MS: it opened at WALL_MS - 2500.
+    assert r.circuit_states(NOW + 3.5, WALL_MS) == [(0, 0, 0), (1, WALL_MS - 2500, 2)]
+    r.on_sent(FALLBACK, NOW + 4.0)  # a probe goes out
+    assert r.circuit_states(NOW + 4.25, WALL_MS)[FALLBACK] == (2, WALL_MS - 3250, 2)
+    r.on_answered(FALLBACK, NOW + 5.0)  # closed again, 1.5 s before the next look
+    assert r.circuit_states(NOW + 6.5, WALL_MS) == [(0, 0, 0), (0, WALL_MS - 1500, 0)]
