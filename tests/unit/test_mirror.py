@@ -50,3 +50,25 @@ def test_region_cells_keeps_the_oldest_second_the_ring_still_holds(ledger: Ledge
     ledger.record(T0 + 1, DEFAULT, 100)
     ledger.record(T0 + seconds, DEFAULT, 200)  # T0 + 1 is now the oldest second held
     assert region_cells(ledger, OWN) == [(T0 + 1, DEFAULT, 1, 100), (T0 + seconds, DEFAULT, 1, 200)]
+
+
+def test_open_carrier_is_udp_with_a_bound_socket_redis_with_a_sync_url_else_none(
+    ledger: Ledger,
+) -> None:
+    import socket
+
+    from rinha.mirror import open_carrier
+    from rinha.peers import PeerSync
+    from rinha.redis_sync import RedisSync
+    from rinha.settings import load
+
+    def carrier(sock: socket.socket | None, **env: str):  # type: ignore[no-untyped-def]
+        return open_carrier(load(env), ledger, sock, print, None)
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert isinstance(carrier(sock, PEERS="127.0.0.1:9"), PeerSync)
+    finally:
+        sock.close()
+    assert isinstance(carrier(None, SYNC_URL="redis://127.0.0.1:9"), RedisSync)
+    assert carrier(None) is None
