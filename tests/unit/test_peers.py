@@ -556,6 +556,8 @@ def test_purge_is_resent_to_each_peer_until_that_peer_acknowledges(
                     trio.mine.getsockname())
         purges_heard(slow, first[1])
         assert purges_heard(slow, first[1]) == 0
+        # Acknowledged by all: forgotten (not kept until it is given up on with an error).
+        assert trio.sync._pending_purges == {}
 
 
 def test_datagrams_from_anyone_but_a_peer_are_dropped(
