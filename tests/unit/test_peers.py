@@ -315,6 +315,16 @@ def test_a_purge_heard_again_is_acknowledged_but_not_carried_out_again(pair: Syn
     assert nothing_waiting(pair.peer) is False  # its acknowledgement
 
 
+def test_a_purge_is_remembered_for_as_long_as_a_peer_may_resend_it(pair: Sync) -> None:
+    """A peer resends every 0.1 s for up to PURGE_GIVE_UP_S: half a second later is well
+    within that (how long it is remembered exactly, 20 s, is not waited for here)."""
+    pair.handle(from_peer(wire.PURGE, 0xC0FFEE))
+    time.sleep(0.5)
+    pair.ledger.record(T0, DEFAULT, 1990)
+    pair.handle(from_peer(wire.PURGE, 0xC0FFEE))
+    assert own_cells(pair.ledger, OWN) == [(T0, DEFAULT, 1, 1990)]
+
+
 def test_a_purge_this_instance_sent_and_heard_back_is_not_carried_out_again(pair: Sync) -> None:
     pair.sync.purged()
     kind, nonce, _, _ = receive(pair.peer)
