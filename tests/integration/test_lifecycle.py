@@ -84,9 +84,8 @@ def test_a_dispatcher_starved_of_cpu_at_idle_priority_is_not_taken_for_hung(
     wait_until(lambda: backend_totals(instance)["default"][0] == 10)
 
 
-def test_silence_is_counted_in_the_child_s_own_time_not_while_it_waits_for_a_cpu():
-    """The measurement itself, on real processes: a busy process at idle priority behind CPU
-    hogs waits on the run queue, and that waiting is not silence; a stopped one is silent."""
+def silences_behind_hogs() -> tuple[float, float]:
+    """(silence of a busy process at idle priority behind CPU hogs, of a stopped one), over 3 s."""
     starved = subprocess.Popen([sys.executable, "-c", (
         "import os; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
         "while True: pass")])
@@ -106,8 +105,20 @@ def test_silence_is_counted_in_the_child_s_own_time_not_while_it_waits_for_a_cpu
                   for pid, watch in watches.items()}
     finally:
         stop_all(hogs + [starved, stopped])
-    assert silent[stopped.pid] > 2.5
-    assert silent[starved.pid] < silent[stopped.pid] / 2
+    return silent[starved.pid], silent[stopped.pid]
+
+
+def test_silence_is_counted_in_the_child_s_own_time_not_while_it_waits_for_a_cpu():
+    """The measurement itself, on real processes: a busy process at idle priority behind CPU
+    hogs waits on the run queue, and that waiting is not silence; a stopped one is silent.
+    Up to three tries: under gVisor the starved process sometimes gets the CPU anyway (then it
+    really ran, silent, and counts so); silence taken as wall time would fail all three."""
+    for _ in range(3):
+        starved, stopped = silences_behind_hogs()
+        assert stopped > 2.5
+        if starved < stopped / 2:
+            return
+    raise AssertionError(f"a starved process was silent {starved:.2f} s of {stopped:.2f} s")
 
 
 def test_children_die_with_a_killed_supervisor_and_the_next_one_re_drives(processors):
