@@ -111,8 +111,8 @@ def silences_behind_hogs() -> tuple[float, float]:
 def test_silence_is_counted_in_the_child_s_own_time_not_while_it_waits_for_a_cpu():
     """The measurement itself, on real processes: a busy process at idle priority behind CPU
     hogs waits on the run queue, and that waiting is not silence; a stopped one is silent.
-    Up to three tries: under gVisor the starved process sometimes gets the CPU anyway (then it
-    really ran, silent, and counts so); silence taken as wall time would fail all three."""
+    Up to three tries: under gVisor the starved process's run delay sometimes does not grow
+    (it got the CPU, or its wait was not counted); silence taken as wall time fails all three."""
     for _ in range(3):
         starved, stopped = silences_behind_hogs()
         assert stopped > 2.5
