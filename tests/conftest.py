@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 import pytest
 
+from rinha.metrics import Metrics
 from tests.processes import Emulator, Instance
 
 
@@ -29,3 +32,13 @@ def start_instance(processors):
     yield start
     for instance in started:
         instance.stop()
+
+
+@pytest.fixture
+def metrics_segment():
+    """A fresh shared-memory metrics block (what an instance's processes count into)."""
+    name = f"/rinha-test-metrics-{uuid4().hex[:10]}"
+    segment = Metrics.create_or_open(name)
+    yield segment
+    segment.close()
+    Metrics.unlink(name)

@@ -7,29 +7,10 @@ import asyncio
 import time
 
 import httpx
-import pytest
 
-from rinha.health import HealthPoller, HealthReport, parse_report
+from rinha.health import HealthPoller, HealthReport
 from rinha.ledger import DEFAULT
 from tests.processes import Emulator, Instance, peered_pair, post_payments, wait_until
-
-
-@pytest.mark.parametrize(
-    ("body", "report"),
-    [
-        (b'{"failing": false, "minResponseTime": 0}', HealthReport(DEFAULT, False, 0)),
-        (b'{"failing": true, "minResponseTime": 2000}', HealthReport(DEFAULT, True, 2000)),
-        (b'{"minResponseTime": 5, "failing": true, "x": 1}', HealthReport(DEFAULT, True, 5)),
-        (b'{"failing": "yes", "minResponseTime": 0}', None),
-        (b'{"failing": false, "minResponseTime": 1.5}', None),
-        (b'{"failing": false}', None),
-        (b'[]', None),
-        (b'', None),
-        (b'not json', None),
-    ],
-)
-def test_parse_report(body: bytes, report: HealthReport | None) -> None:
-    assert parse_report(DEFAULT, body) == report
 
 
 def test_the_poller_reads_what_the_processor_says_and_respects_its_rate_limit(processors):

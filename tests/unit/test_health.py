@@ -19,6 +19,7 @@ from rinha.settings import load as load_settings
     [
         (b'{"failing": false, "minResponseTime": 0}', HealthReport(DEFAULT, False, 0)),
         (b'{"failing": true, "minResponseTime": 1500}', HealthReport(DEFAULT, True, 1500)),
+        (b'{"failing": true, "minResponseTime": 2000}', HealthReport(DEFAULT, True, 2000)),
         (b'{"minResponseTime": 7, "failing": false, "extra": 1}', HealthReport(DEFAULT, False, 7)),
         (b'{"failing": false}', None),
         (b'{"minResponseTime": 3}', None),
@@ -31,6 +32,10 @@ from rinha.settings import load as load_settings
         (b'null', None),
         (b'', None),
         (b'{"failing": false, "minResponseTime": 0', None),
+        (b'{"failing": "yes", "minResponseTime": 0}', None),
+        (b'{"failing": false, "minResponseTime": 1.5}', None),
+        (b'[]', None),
+        (b'not json', None),
     ],
 )
 def test_parse_report(body: bytes, expected: HealthReport | None) -> None:

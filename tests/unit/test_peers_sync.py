@@ -29,12 +29,8 @@ from tests.unit.test_peers import (
 
 
 @pytest.fixture
-def counters() -> Iterator[DispatcherCounters]:
-    name = f"/rinha-test-metrics-{uuid4().hex[:10]}"
-    segment = Metrics.create_or_open(name)
-    yield DispatcherCounters(segment)
-    segment.close()
-    Metrics.unlink(name)
+def counters(metrics_segment: Metrics) -> DispatcherCounters:
+    return DispatcherCounters(metrics_segment)
 
 
 @pytest.fixture

@@ -198,12 +198,8 @@ EXITED_1 = 1 << 8  # the wait status of a child that exited with 1
 
 
 @pytest.fixture
-def counters() -> Iterator[SupervisorCounters]:
-    name = f"/rinha-test-metrics-{uuid4().hex[:10]}"
-    segment = Metrics.create_or_open(name)
-    yield SupervisorCounters(segment)
-    segment.close()
-    Metrics.unlink(name)
+def counters(metrics_segment: Metrics) -> SupervisorCounters:
+    return SupervisorCounters(metrics_segment)
 
 
 def restart_after(deaths_ago_s: list[float], counters: SupervisorCounters) -> ChildSpec:
